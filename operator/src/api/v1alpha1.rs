@@ -1,0 +1,546 @@
+//! `HybridApp` in `tandem.dev/v1alpha1`.
+//!
+//! Validation lives in the schema (types, ranges, patterns, list keys) and in
+//! CEL rules that the API server evaluates, so a bad manifest is rejected at
+//! `kubectl apply` with the offending field in the message. No field has a
+//! schema default: the server stores exactly what the user wrote (GitOps tools
+//! see no drift), and defaults are resolved in code ([`Scaling::resolve`]).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::duration::Duration;
+
+/// Largest number of workloads in one HybridApp (bounds CEL cost).
+pub const MAX_WORKLOADS: usize = 16;
+/// Largest number of routes in one HybridApp.
+pub const MAX_ROUTES: usize = 64;
+/// Largest number of backends in one route.
+pub const MAX_BACKENDS: usize = 8;
+/// Longest HybridApp name: `<app>-<workload>` names children and must stay a
+/// 63-character DNS label.
+pub const MAX_APP_NAME: usize = 32;
+/// Longest workload name.
+pub const MAX_WORKLOAD_NAME: usize = 30;
+/// Shortest `scaleToZeroAfter`: below this a function flaps between requests.
+pub const MIN_SCALE_TO_ZERO_AFTER_SECONDS: u64 = 10;
+
+/// A HybridApp: one application whose HTTP routes are served by
+/// scale-to-zero functions, always-on deployments, or a weighted split of both.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "HybridApp",
+    plural = "hybridapps",
+    singular = "hybridapp",
+    namespaced,
+    status = "HybridAppStatus",
+    derive = "PartialEq",
+    shortname = "happ",
+    category = "tandem",
+    doc = "A HybridApp declares which HTTP routes of an application run as scale-to-zero functions and which on always-on deployments, and how traffic splits between them.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Functions", type_ = "integer", json_path = ".status.functions", description = "Function workloads"),
+    printcolumn(name = "At-Zero", type_ = "integer", json_path = ".status.functionsAtZero", description = "Function workloads scaled to zero"),
+    printcolumn(name = "Always-On", type_ = "integer", json_path = ".status.alwaysOn", description = "AlwaysOn workloads"),
+    printcolumn(name = "Routes", type_ = "integer", json_path = ".status.routeCount"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(name = "Hosts", type_ = "string", json_path = ".spec.hosts", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 32 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name: a HybridApp name must be a DNS label of at most 32 characters that starts with a letter (it prefixes the names of its Deployments and Services)")
+        .field_path(".metadata.name"),
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.routes.all(r, r.backends.all(b, self.workloads.exists(w, w.name == b.workload)))")
+        .message("spec.routes[].backends[].workload: every backend must name a workload declared in spec.workloads[].name")
+        .field_path(".routes"),
+    validation = Rule::new("self.routes.all(a, self.routes.exists_one(b, b.match == a.match))")
+        .message("spec.routes[].match: two routes have the same match; give each route a distinct path, methods or headers")
+        .field_path(".routes"),
+)]
+pub struct HybridAppSpec {
+    /// Host names this app answers (exact match on the Host header, without
+    /// port). Empty: any host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[validate(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub hosts: Vec<Host>,
+
+    /// The workloads that serve this app: each becomes a Deployment and a
+    /// Service. Names are unique.
+    #[validate(length(min = 1, max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub workloads: Vec<Workload>,
+
+    /// The HTTP routes: which requests go to which workloads, and in what
+    /// proportion. The most specific match wins: exact path before the
+    /// longest path prefix, then routes with methods or headers before
+    /// routes without. Names are unique.
+    #[validate(length(min = 1, max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub routes: Vec<Route>,
+}
+
+/// A host name (a DNS subdomain, lowercase).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+#[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
+    .message("spec.hosts[]: must be a lowercase DNS name such as shop.example.com (no scheme, port or wildcard)"))]
+pub struct Host(#[validate(length(min = 1, max = 253))] pub String);
+
+/// One workload: a pod template run as a Function (scales to zero) or
+/// AlwaysOn (keeps at least one replica).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.mode != 'Function' || !has(self.scaling) || !has(self.scaling.minReplicas) || self.scaling.minReplicas == 0 || (has(self.scaling.keepWarm) && self.scaling.keepWarm)")
+        .message("scaling.minReplicas: a Function scales to zero, so minReplicas must be 0 unless scaling.keepWarm is true")
+        .field_path(".scaling.minReplicas"),
+    validation = Rule::new("self.mode != 'AlwaysOn' || !has(self.scaling) || !has(self.scaling.minReplicas) || self.scaling.minReplicas >= 1")
+        .message("scaling.minReplicas: an AlwaysOn workload keeps at least 1 replica; use mode: Function to scale to zero")
+        .field_path(".scaling.minReplicas"),
+    validation = Rule::new("self.mode == 'Function' || !has(self.scaling) || !has(self.scaling.scaleToZeroAfter)")
+        .message("scaling.scaleToZeroAfter: only a Function scales to zero; remove it or use mode: Function")
+        .field_path(".scaling.scaleToZeroAfter"),
+    validation = Rule::new("self.mode == 'Function' || !has(self.scaling) || !has(self.scaling.keepWarm)")
+        .message("scaling.keepWarm: only applies to a Function")
+        .field_path(".scaling.keepWarm"),
+    validation = Rule::new("self.mode == 'AlwaysOn' || !has(self.scaling) || !has(self.scaling.metric)")
+        .message("scaling.metric: a Function always scales on concurrency; metric applies to AlwaysOn workloads")
+        .field_path(".scaling.metric"),
+)]
+pub struct Workload {
+    /// Name of the workload, unique in this app: a DNS label of at most 30
+    /// characters that starts with a letter. Children are named
+    /// `<app>-<workload>`.
+    #[validate(length(min = 1, max = 30))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("name: must be a DNS label: lowercase letters, digits and '-', starting with a letter and not ending with '-'"))]
+    pub name: String,
+
+    /// `Function`: scaled to and from zero by demand, with requests held while
+    /// it starts. `AlwaysOn`: at least one replica at all times.
+    pub mode: Mode,
+
+    /// The container port that serves HTTP (1-65535).
+    #[validate(range(min = 1, max = 65535))]
+    pub port: i32,
+
+    /// The pod template, exactly as in a Deployment: every container option
+    /// works. Tandem adds its labels and the named port `http`.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+
+    /// Scaling bounds and targets; every field has a default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
+
+    /// How long the gateway waits for this workload to answer, including a
+    /// cold start; then it answers 504. Default 30s, at most 15m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('15m')")
+        .message("requestTimeout: must be between 1s and 15m"))]
+    pub request_timeout: Option<Duration>,
+}
+
+/// How a workload runs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Scale-to-zero function: replicas follow demand, down to 0 when idle.
+    Function,
+    /// Always-on deployment: at least `minReplicas` (>= 1) replicas.
+    AlwaysOn,
+}
+
+/// What an AlwaysOn workload scales on.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Metric {
+    /// In-flight requests per replica, measured by the gateway (Tandem's
+    /// autoscaler owns replicas).
+    Concurrency,
+    /// CPU utilisation (a HorizontalPodAutoscaler owns replicas).
+    Cpu,
+}
+
+/// Scaling of one workload. Omitted fields take the defaults in their
+/// descriptions.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("(has(self.minReplicas) ? self.minReplicas : 0) <= (has(self.maxReplicas) ? self.maxReplicas : 10)")
+        .message("scaling.minReplicas: must not exceed scaling.maxReplicas (default 10)")
+        .field_path(".minReplicas"),
+    validation = Rule::new("!has(self.initialReplicas) || self.initialReplicas <= (has(self.maxReplicas) ? self.maxReplicas : 10)")
+        .message("scaling.initialReplicas: must not exceed scaling.maxReplicas (default 10)")
+        .field_path(".initialReplicas"),
+)]
+pub struct Scaling {
+    /// Fewest replicas. Function: 0 (the default; above 0 only with
+    /// `keepWarm: true`). AlwaysOn: at least 1, default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 0, max = 1000))]
+    pub min_replicas: Option<i32>,
+
+    /// Most replicas (1-1000). Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 1000))]
+    pub max_replicas: Option<i32>,
+
+    /// Replicas started at once when a Function wakes from zero, before the
+    /// autoscaler has measured anything (1-1000). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 1000))]
+    pub initial_replicas: Option<i32>,
+
+    /// Target in-flight requests per replica (1-10000). Default 10 for a
+    /// Function, 50 for AlwaysOn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 10000))]
+    pub target_concurrency: Option<i32>,
+
+    /// Function only: idle time (no request in flight or queued) before
+    /// scaling to zero, written like `60s` or `5m`. At least 10s, at most
+    /// 24h. Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')")
+        .message("scaling.scaleToZeroAfter: must be between 10s and 24h (shorter makes a function flap between requests)"))]
+    pub scale_to_zero_after: Option<Duration>,
+
+    /// Function only: allow `minReplicas` above 0 to keep warm replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_warm: Option<bool>,
+
+    /// AlwaysOn only: `concurrency` (default; Tandem's autoscaler) or `cpu`
+    /// (a HorizontalPodAutoscaler on CPU utilisation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<Metric>,
+
+    /// AlwaysOn with `metric: cpu`: target average CPU utilisation in percent
+    /// of requests (1-100). Default 80.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 100))]
+    pub target_cpu_utilization: Option<i32>,
+}
+
+/// Scaling with every default filled in for a workload's mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedScaling {
+    /// Fewest replicas.
+    pub min_replicas: i32,
+    /// Most replicas.
+    pub max_replicas: i32,
+    /// Replicas when waking from zero.
+    pub initial_replicas: i32,
+    /// Target in-flight requests per replica.
+    pub target_concurrency: i32,
+    /// Idle time before zero (Functions only).
+    pub scale_to_zero_after: Option<std::time::Duration>,
+    /// What AlwaysOn scales on (`Concurrency` for Functions).
+    pub metric: Metric,
+    /// CPU target for `metric: cpu`.
+    pub target_cpu_utilization: i32,
+}
+
+/// Default `maxReplicas`.
+pub const DEFAULT_MAX_REPLICAS: i32 = 10;
+/// Default `scaleToZeroAfter`.
+pub const DEFAULT_SCALE_TO_ZERO_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+/// Default `requestTimeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Scaling {
+    /// Fills in the defaults for `mode` (see the field descriptions).
+    pub fn resolve(scaling: Option<&Scaling>, mode: Mode) -> ResolvedScaling {
+        let s = scaling.cloned().unwrap_or_default();
+        let function = mode == Mode::Function;
+        let max_replicas = s.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS);
+        let min_replicas = s.min_replicas.unwrap_or(if function { 0 } else { 1 });
+        ResolvedScaling {
+            min_replicas,
+            max_replicas,
+            initial_replicas: s
+                .initial_replicas
+                .unwrap_or(1)
+                .max(min_replicas)
+                .min(max_replicas),
+            target_concurrency: s
+                .target_concurrency
+                .unwrap_or(if function { 10 } else { 50 }),
+            scale_to_zero_after: function.then(|| {
+                s.scale_to_zero_after
+                    .as_ref()
+                    .and_then(|d| d.to_std().ok())
+                    .unwrap_or(DEFAULT_SCALE_TO_ZERO_AFTER)
+            }),
+            metric: if function {
+                Metric::Concurrency
+            } else {
+                s.metric.unwrap_or(Metric::Concurrency)
+            },
+            target_cpu_utilization: s.target_cpu_utilization.unwrap_or(80),
+        }
+    }
+}
+
+impl Workload {
+    /// This workload's scaling with defaults filled in.
+    pub fn scaling(&self) -> ResolvedScaling {
+        Scaling::resolve(self.scaling.as_ref(), self.mode)
+    }
+
+    /// The gateway's deadline for one request, including a cold start.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.request_timeout
+            .as_ref()
+            .and_then(|d| d.to_std().ok())
+            .unwrap_or(DEFAULT_REQUEST_TIMEOUT)
+    }
+}
+
+/// One HTTP route: a match and the workloads that serve it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.backends.exists(b, !has(b.weight) || b.weight > 0)")
+        .message("backends[].weight: at least one backend needs a weight above 0")
+        .field_path(".backends"),
+)]
+pub struct Route {
+    /// Name of the route, unique in this app (a DNS label).
+    #[validate(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("name: must be a DNS label: lowercase letters, digits and '-', not starting or ending with '-'"))]
+    pub name: String,
+
+    /// Which requests this route takes.
+    #[serde(rename = "match")]
+    pub matches: RouteMatch,
+
+    /// The workloads that serve it. With several, requests split by weight.
+    /// Each workload appears at most once.
+    #[validate(length(min = 1, max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["workload".into()]))]
+    pub backends: Vec<Backend>,
+}
+
+/// What a request must look like to take a route. Set exactly one of `path`
+/// and `pathPrefix`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.path) != has(self.pathPrefix)")
+        .message("match: set exactly one of path (exact) or pathPrefix"),
+)]
+pub struct RouteMatch {
+    /// Match paths under this prefix, segment by segment: `/api` matches
+    /// `/api` and `/api/users` but not `/apiary`. `/` matches everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('?') && !self.contains('#')")
+        .message("match.pathPrefix: must start with '/' and hold no '?' or '#'"))]
+    pub path_prefix: Option<String>,
+
+    /// Match exactly this path (it wins over any prefix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.contains('?') && !self.contains('#')")
+        .message("match.path: must start with '/' and hold no '?' or '#'"))]
+    pub path: Option<String>,
+
+    /// Only these HTTP methods. Empty: any method.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[validate(length(max = 9))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub methods: Vec<Method>,
+
+    /// Only requests that carry all these headers with exactly these values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[validate(length(max = 8))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// An HTTP method.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "UPPERCASE")]
+#[allow(missing_docs)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+    Connect,
+    Trace,
+}
+
+/// A header that must be present with an exact value.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Header name (case-insensitive).
+    #[validate(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9!#$%&\\'*+.^_`|~-]+$')")
+        .message("headers[].name: must be an HTTP header name (letters, digits and !#$%&'*+.^_`|~-)"))]
+    pub name: String,
+    /// Exact value.
+    #[validate(length(max = 4096))]
+    pub value: String,
+}
+
+/// A workload serving a route, with its share of traffic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Backend {
+    /// Name of a workload in `spec.workloads`.
+    #[validate(length(min = 1, max = 30))]
+    pub workload: String,
+    /// Relative weight (0-1000). Default 1. A backend gets
+    /// weight / (sum of weights) of the route's requests; 0 sends it none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 0, max = 1000))]
+    pub weight: Option<i32>,
+}
+
+impl Backend {
+    /// The weight with its default.
+    pub fn weight(&self) -> u32 {
+        self.weight.unwrap_or(1).max(0) as u32
+    }
+}
+
+/// What Tandem observed and did.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HybridAppStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`, `Progressing` and `Degraded` (plus `Reconciling` and
+    /// `Stalled`, following kstatus).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// Per-workload state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub workloads: Vec<WorkloadStatus>,
+
+    /// Per-route effective weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub routes: Vec<RouteStatus>,
+
+    /// Number of Function workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions: Option<i32>,
+    /// Number of Function workloads at zero replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub functions_at_zero: Option<i32>,
+    /// Number of AlwaysOn workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub always_on: Option<i32>,
+    /// Number of routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_count: Option<i32>,
+}
+
+/// State of one workload.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// Workload name.
+    pub name: String,
+    /// Its mode.
+    pub mode: Mode,
+    /// Desired replicas.
+    pub replicas: i32,
+    /// Ready replicas.
+    pub ready_replicas: i32,
+    /// Summary state.
+    pub state: WorkloadState,
+    /// Why it is in this state, or the last scaling decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Summary state of a workload.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadState {
+    /// A Function with no replicas, waiting for demand.
+    ScaledToZero,
+    /// Replicas are wanted but not all are ready yet.
+    Starting,
+    /// All wanted replicas are ready.
+    Ready,
+    /// Something is wrong; see the message.
+    Degraded,
+}
+
+/// Effective traffic split of one route.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStatus {
+    /// Route name.
+    pub name: String,
+    /// Percent of requests per workload.
+    pub weights: BTreeMap<String, i32>,
+}
+
+/// Schema of `template`: an object whose `spec.containers` is a non-empty
+/// list of named containers; everything else is kept as written and checked by
+/// the API server when Tandem applies the Deployment. The full PodTemplateSpec
+/// schema would make the CRD too large for client-side `kubectl apply`.
+fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "The pod template, exactly as in a Deployment (metadata and spec): every container option works. Tandem adds its labels and the named port `http`.",
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "required": ["spec"],
+        "properties": {
+            "metadata": {
+                "description": "Labels and annotations of the pods.",
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true
+            },
+            "spec": {
+                "description": "The pod spec (a Kubernetes PodSpec).",
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true,
+                "required": ["containers"],
+                "properties": {
+                    "containers": {
+                        "description": "Containers of the pod; the first one serves `port`.",
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 16,
+                        "items": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": true,
+                            "required": ["name", "image"],
+                            "properties": {
+                                "name": {"type": "string", "description": "Container name."},
+                                "image": {"type": "string", "description": "Container image."}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,6 @@
+//! Tandem: a Kubernetes operator and gateway for hybrid applications, whose
+//! HTTP routes are served by scale-to-zero functions, always-on deployments,
+//! or a weighted split of both.
+#![forbid(unsafe_code)]
+
+pub mod api;
