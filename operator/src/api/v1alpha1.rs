@@ -54,8 +54,7 @@ pub const MIN_SCALE_TO_ZERO_AFTER_SECONDS: u64 = 10;
     printcolumn(name = "Hosts", type_ = "string", json_path = ".spec.hosts", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 32 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
-        .message("metadata.name: a HybridApp name must be a DNS label of at most 32 characters that starts with a letter (it prefixes the names of its Deployments and Services)")
-        .field_path(".metadata.name"),
+        .message("metadata.name: a HybridApp name must be a DNS label of at most 32 characters that starts with a letter (it prefixes the names of its Deployments and Services)"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -70,9 +69,8 @@ pub struct HybridAppSpec {
     /// Host names this app answers (exact match on the Host header, without
     /// port). Empty: any host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[validate(length(max = 16))]
-    #[x_kube(merge_strategy = ListMerge::Set)]
-    pub hosts: Vec<Host>,
+    #[schemars(schema_with = "hosts_schema")]
+    pub hosts: Vec<String>,
 
     /// The workloads that serve this app: each becomes a Deployment and a
     /// Service. Names are unique.
@@ -88,13 +86,6 @@ pub struct HybridAppSpec {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub routes: Vec<Route>,
 }
-
-/// A host name (a DNS subdomain, lowercase).
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(transparent)]
-#[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
-    .message("spec.hosts[]: must be a lowercase DNS name such as shop.example.com (no scheme, port or wildcard)"))]
-pub struct Host(#[validate(length(min = 1, max = 253))] pub String);
 
 /// One workload: a pod template run as a Function (scales to zero) or
 /// AlwaysOn (keeps at least one replica).
@@ -500,6 +491,21 @@ pub struct RouteStatus {
     pub name: String,
     /// Percent of requests per workload.
     pub weights: BTreeMap<String, i32>,
+}
+
+/// Schema of `hosts`: a set of at most 16 lowercase DNS names.
+fn hosts_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Host names this app answers (exact match on the Host header, without port). Empty: any host.",
+        "type": "array",
+        "maxItems": 16,
+        "x-kubernetes-list-type": "set",
+        "items": {"type": "string", "minLength": 1, "maxLength": 253},
+        "x-kubernetes-validations": [{
+            "rule": "self.all(h, h.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))",
+            "message": "hosts[]: each host must be a lowercase DNS name such as shop.example.com (no scheme, port or wildcard)"
+        }]
+    })
 }
 
 /// Schema of `template`: an object whose `spec.containers` is a non-empty

@@ -1,0 +1,5 @@
+//! Integration tests of Tandem against the real control plane from testenv.
+//! One test binary (modules below) links faster than many.
+
+mod api;
+mod support;
