@@ -3,4 +3,9 @@
 //! or a weighted split of both.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
+pub mod controller;
+pub mod leader;
+pub mod operator;
+pub mod telemetry;

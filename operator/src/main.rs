@@ -23,15 +23,18 @@ enum Command {
     /// it with `kubectl apply -f -` or regenerate the checked-in file with
     /// `cargo run -p tandem -- crd > crds/hybridapp.yaml`.
     Crd,
-    /// Run the control plane: reconcile HybridApps into Deployments and
-    /// Services, autoscale functions, and write status.
+    /// Run the control plane: reconcile HybridApps into Deployments,
+    /// Services and HorizontalPodAutoscalers, and write their status.
     ///
-    /// Not implemented yet: this build only provides the API (`tandem crd`).
-    Operator,
+    /// Uses KUBECONFIG or the in-cluster ServiceAccount. With leader election
+    /// (the default) several replicas can run; only the Lease holder writes.
+    /// Serves /healthz, /readyz (ready once the watches have synced) and
+    /// /metrics on --admin-address. SIGTERM stops it gracefully.
+    Operator(tandem::operator::OperatorArgs),
     /// Run the data plane: the HTTP gateway that routes, splits and holds
     /// requests for HybridApps.
     ///
-    /// Not implemented yet: this build only provides the API (`tandem crd`).
+    /// Not implemented yet.
     Gateway,
 }
 
@@ -41,8 +44,12 @@ fn main() -> Result<()> {
             print!("{}", tandem::api::crd_yaml());
             Ok(())
         }
-        Command::Operator | Command::Gateway => {
-            anyhow::bail!("this subcommand is not implemented yet; see the project's open issues")
+        Command::Operator(args) => {
+            tandem::telemetry::init(args.log_format);
+            tokio::runtime::Runtime::new()?.block_on(tandem::operator::run(args))
+        }
+        Command::Gateway => {
+            anyhow::bail!("`tandem gateway` is not implemented yet; see the project's open issues")
         }
     }
 }

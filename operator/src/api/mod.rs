@@ -1,6 +1,7 @@
 //! The HybridApp API: the types users write, and the CRD generated from them.
 
 pub mod duration;
+pub mod labels;
 pub mod v1alpha1;
 
 pub use duration::Duration;

@@ -2,4 +2,5 @@
 //! One test binary (modules below) links faster than many.
 
 mod api;
+mod operator;
 mod support;

@@ -58,3 +58,222 @@ pub async fn install_crd() {
         })
         .await;
 }
+
+/// A `tandem operator` process running under a ServiceAccount bound to
+/// exactly the RBAC in `charts/tandem/files/operator-rbac.yaml`, watching one
+/// namespace (so tests do not see each other's apps).
+pub struct OperatorProcess {
+    /// The process.
+    pub process: testenv::process::ChildProcess,
+    /// Its /healthz, /readyz and /metrics address.
+    pub admin: std::net::SocketAddr,
+    /// Its log file.
+    pub log: std::path::PathBuf,
+    /// Its identity in the Lease.
+    pub identity: String,
+}
+
+/// RBAC rules of the operator, as the chart will render them.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OperatorRbac {
+    cluster_rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>,
+    namespace_rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>,
+}
+
+/// Creates the operator's ServiceAccount and its RBAC in `namespace` and
+/// returns a kubeconfig file with a token of that account.
+pub async fn operator_kubeconfig(namespace: &str) -> std::path::PathBuf {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use kube::api::PostParams;
+    let env = environment();
+    let client = env.client().await;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/tandem/files/operator-rbac.yaml");
+    let rbac: OperatorRbac = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let pp = PostParams::default();
+    let subject = serde_json::json!([{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": namespace}]);
+    let sa: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "tandem-operator"}}))
+            .unwrap();
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create(&pp, &sa)
+        .await
+        .unwrap();
+    let cluster_role_name = format!("tandem-operator-{namespace}");
+    let mut cluster_role: ClusterRole =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": cluster_role_name}}))
+            .unwrap();
+    cluster_role.rules = Some(rbac.cluster_rules);
+    Api::<ClusterRole>::all(client.clone())
+        .create(&pp, &cluster_role)
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": cluster_role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role_name},
+        "subjects": subject,
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&pp, &binding)
+        .await
+        .unwrap();
+    let mut role: Role =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "tandem-operator"}}))
+            .unwrap();
+    role.rules = Some(rbac.namespace_rules);
+    Api::<Role>::namespaced(client.clone(), namespace)
+        .create(&pp, &role)
+        .await
+        .unwrap();
+    let role_binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "tandem-operator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tandem-operator"},
+        "subjects": subject,
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .create(&pp, &role_binding)
+        .await
+        .unwrap();
+
+    let token = testenv::service_account_token(&client, namespace, "tandem-operator", 3600)
+        .await
+        .unwrap();
+    let kubeconfig = env.control_plane.kubeconfig_for(
+        &format!("system:serviceaccount:{namespace}:tandem-operator"),
+        &token,
+        namespace,
+    );
+    let file = env
+        .control_plane
+        .dir
+        .join(format!("operator-{namespace}.kubeconfig"));
+    std::fs::write(&file, kubeconfig).unwrap();
+    file
+}
+
+impl OperatorProcess {
+    /// Starts `tandem operator` for `namespace` and waits until /readyz is ok.
+    pub async fn start(
+        namespace: &str,
+        kubeconfig: &std::path::Path,
+        identity: &str,
+        extra: &[&str],
+    ) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let admin: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let log = environment()
+            .control_plane
+            .dir
+            .join("logs")
+            .join(format!("operator-{namespace}-{identity}.log"));
+        let mut args = vec![
+            "operator".to_string(),
+            format!("--watch-namespace={namespace}"),
+            format!("--lease-namespace={namespace}"),
+            format!("--admin-address={admin}"),
+            format!("--identity={identity}"),
+            "--lease-duration=6s".to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let spec = testenv::process::ProcessSpec {
+            program: env!("CARGO_BIN_EXE_tandem").into(),
+            args,
+            env: vec![
+                ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+                ("RUST_LOG".into(), "info,tandem=debug".into()),
+            ],
+            log: log.clone(),
+            netns: None,
+        };
+        let process = testenv::process::spawn(spec).unwrap();
+        let operator = Self {
+            process,
+            admin,
+            log,
+            identity: identity.into(),
+        };
+        wait_for(
+            "the operator to answer /healthz",
+            std::time::Duration::from_secs(30),
+            || async {
+                if !operator.process.is_running() {
+                    panic!("the operator exited:\n{}", operator.log_text());
+                }
+                operator.get("/healthz").await.map(drop)
+            },
+        )
+        .await;
+        operator
+    }
+
+    /// `GET path` on the admin endpoint: the body if it answered 200.
+    pub async fn get(&self, path: &str) -> Result<String, String> {
+        let answer = testenv::http_client::get(&format!("http://{}{path}", self.admin))
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer.status == 200 {
+            Ok(answer.body)
+        } else {
+            Err(format!("{}: {}", answer.status, answer.body))
+        }
+    }
+
+    /// Waits until /readyz is ok (the leader has synced its watches).
+    pub async fn wait_ready(&self) {
+        wait_for(
+            "the operator to be ready",
+            std::time::Duration::from_secs(30),
+            || self.get("/readyz"),
+        )
+        .await;
+    }
+
+    /// Total writes the operator made, from its metrics.
+    pub async fn writes(&self) -> u64 {
+        let metrics = self.get("/metrics").await.unwrap_or_default();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("tandem_writes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails if the operator ever got a 403 from the API server.
+    pub fn assert_never_forbidden(&self) {
+        let log = self.log_text();
+        let forbidden: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" 403") || l.to_lowercase().contains("forbidden"))
+            .collect();
+        assert!(
+            forbidden.is_empty(),
+            "the operator was refused by RBAC:\n{}",
+            forbidden.join("\n")
+        );
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub async fn kill(&self) {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL);
+        self.process.wait().await;
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,348 @@
+//! The children of a HybridApp, built as pure functions of its spec: one
+//! Deployment and one Service per workload, plus a HorizontalPodAutoscaler for
+//! AlwaysOn workloads scaled on CPU.
+//!
+//! Objects are built as JSON for server-side apply: only the fields Tandem
+//! owns appear, so fields owned by others (the autoscaler's or the HPA's
+//! `replicas`, defaults, other tools' annotations) are never touched.
+
+use serde_json::{Value, json};
+
+use crate::api::labels;
+use crate::api::{HybridApp, Metric, Mode, Workload};
+
+/// The children Tandem wants for one workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadChildren {
+    /// Workload name.
+    pub workload: String,
+    /// Name shared by the Deployment, Service and HPA.
+    pub name: String,
+    /// Deployment, without `spec.replicas` (see [`initial_replicas`]).
+    pub deployment: Value,
+    /// ClusterIP Service selecting the workload's pods.
+    pub service: Value,
+    /// HPA, for AlwaysOn workloads with `metric: cpu`.
+    pub hpa: Option<Value>,
+    /// Replicas the Deployment starts with when it is first created.
+    pub initial_replicas: i32,
+}
+
+/// Annotation holding a fingerprint of what Tandem last applied, so a field
+/// removed from the spec is noticed even though it is still on the child.
+pub const APPLIED_HASH: &str = "tandem.dev/applied-hash";
+
+/// Deterministic child name: `<app>-<workload>` (at most 63 characters, as
+/// the CRD limits both parts).
+pub fn child_name(app: &str, workload: &str) -> String {
+    format!("{app}-{workload}")
+}
+
+/// Builds the children of every workload of `app`.
+pub fn build(app: &HybridApp) -> Vec<WorkloadChildren> {
+    app.spec
+        .workloads
+        .iter()
+        .map(|w| build_workload(app, w))
+        .collect()
+}
+
+fn owner_reference(app: &HybridApp) -> Value {
+    json!({
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "HybridApp",
+        "name": app.metadata.name,
+        "uid": app.metadata.uid,
+        "controller": true,
+        "blockOwnerDeletion": true,
+    })
+}
+
+fn build_workload(app: &HybridApp, workload: &Workload) -> WorkloadChildren {
+    let app_name = app.metadata.name.clone().unwrap_or_default();
+    let namespace = app.metadata.namespace.clone().unwrap_or_default();
+    let name = child_name(&app_name, &workload.name);
+    let selector = labels::selector(&app_name, &workload.name);
+    let labels = labels::workload(&app_name, &workload.name, workload.mode);
+    let scaling = workload.scaling();
+
+    let mut template =
+        serde_json::to_value(&workload.template).unwrap_or_else(|_| json!({"spec": {}}));
+    add_pod_labels(&mut template, &labels);
+    add_named_port(&mut template, workload.port);
+
+    let metadata = |kind_labels: &Value| {
+        json!({
+            "name": name,
+            "namespace": namespace,
+            "labels": kind_labels,
+            "ownerReferences": [owner_reference(app)],
+        })
+    };
+    let mut deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(&labels),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "template": template,
+        }
+    });
+    let mut service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(&labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "http", "port": 80, "targetPort": workload.port, "protocol": "TCP", "appProtocol": "http"}],
+        }
+    });
+    let mut hpa = (workload.mode == Mode::AlwaysOn && scaling.metric == Metric::Cpu).then(|| {
+        json!({
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": metadata(&labels),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                "minReplicas": scaling.min_replicas,
+                "maxReplicas": scaling.max_replicas,
+                "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": scaling.target_cpu_utilization}}}],
+            }
+        })
+    });
+    stamp(&mut deployment);
+    stamp(&mut service);
+    if let Some(hpa) = hpa.as_mut() {
+        stamp(hpa);
+    }
+    let initial_replicas = match workload.mode {
+        Mode::Function => scaling.min_replicas,
+        Mode::AlwaysOn => scaling.min_replicas.max(1),
+    };
+    WorkloadChildren {
+        workload: workload.name.clone(),
+        name,
+        deployment,
+        service,
+        hpa,
+        initial_replicas,
+    }
+}
+
+fn add_pod_labels(template: &mut Value, labels: &Value) {
+    let metadata = ensure_object(template, "metadata");
+    let pod_labels = ensure_object(metadata, "labels");
+    for (k, v) in labels.as_object().into_iter().flatten() {
+        pod_labels[k] = v.clone();
+    }
+}
+
+/// Names the serving port `http` on the first container unless a port with
+/// that number is already declared (a user's own name is kept).
+fn add_named_port(template: &mut Value, port: i32) {
+    let Some(container) = template
+        .pointer_mut("/spec/containers/0")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let ports = container
+        .entry("ports")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    let Some(ports) = ports.as_array_mut() else {
+        return;
+    };
+    let declared = ports
+        .iter()
+        .any(|p| p.get("containerPort").and_then(Value::as_i64) == Some(i64::from(port)));
+    if !declared {
+        ports.push(json!({"name": "http", "containerPort": port, "protocol": "TCP"}));
+    }
+}
+
+fn ensure_object<'a>(value: &'a mut Value, key: &str) -> &'a mut Value {
+    if !value.get(key).is_some_and(Value::is_object) {
+        value[key] = json!({});
+    }
+    &mut value[key]
+}
+
+/// Records the fingerprint of `object` (without the annotation) in its
+/// annotations.
+fn stamp(object: &mut Value) {
+    let hash = fingerprint(object);
+    ensure_object(ensure_object(object, "metadata"), "annotations")[APPLIED_HASH] =
+        Value::String(hash);
+}
+
+/// A stable fingerprint of a JSON value (keys are sorted by serde_json's map).
+pub fn fingerprint(value: &Value) -> String {
+    let text = value.to_string();
+    let hash = text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// Whether `live` already holds everything in `desired`: same fingerprint
+/// annotation (nothing was removed from the spec) and every field Tandem
+/// sets has the same value (nobody edited it). Lists must match element by
+/// element; fields the server or others added are ignored.
+pub fn up_to_date(desired: &Value, live: &Value) -> bool {
+    let annotation = |v: &Value| {
+        v.pointer("/metadata/annotations")
+            .and_then(|a| a.get(APPLIED_HASH))
+            .cloned()
+    };
+    annotation(desired) == annotation(live) && contains(live, desired)
+}
+
+fn contains(live: &Value, desired: &Value) -> bool {
+    match (live, desired) {
+        (Value::Object(l), Value::Object(d)) => d
+            .iter()
+            .all(|(k, dv)| l.get(k).is_some_and(|lv| contains(lv, dv))),
+        (Value::Array(l), Value::Array(d)) => {
+            l.len() == d.len() && l.iter().zip(d).all(|(lv, dv)| contains(lv, dv))
+        }
+        // The server may store a number we sent as a string-int or vice versa
+        // only for int-or-string fields; compare those loosely.
+        (Value::String(l), Value::Number(d)) | (Value::Number(d), Value::String(l)) => {
+            l == &d.to_string()
+        }
+        (l, d) => l == d,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(yaml: &str) -> HybridApp {
+        let mut app: HybridApp = serde_yaml::from_str(yaml).unwrap();
+        app.metadata.namespace = Some("shop-ns".into());
+        app.metadata.uid = Some("uid-1".into());
+        app
+    }
+
+    const SHOP: &str = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: HybridApp
+metadata: {name: shop}
+spec:
+  workloads:
+    - name: web
+      mode: AlwaysOn
+      port: 8080
+      template:
+        metadata: {labels: {team: store}}
+        spec: {containers: [{name: app, image: example/web:1, ports: [{name: web, containerPort: 8080}]}]}
+      scaling: {minReplicas: 2, metric: cpu, targetCpuUtilization: 70}
+    - name: thumbs
+      mode: Function
+      port: 9000
+      template: {spec: {containers: [{name: fn, image: example/thumbs:2}]}}
+  routes:
+    - {name: all, match: {pathPrefix: /}, backends: [{workload: web}, {workload: thumbs}]}
+"#;
+
+    #[test]
+    fn builds_a_deployment_and_service_per_workload_with_deterministic_names() {
+        let children = build(&app(SHOP));
+        let names: Vec<&str> = children.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["shop-web", "shop-thumbs"]);
+        let thumbs = &children[1];
+        assert_eq!(thumbs.deployment["metadata"]["namespace"], "shop-ns");
+        assert_eq!(
+            thumbs.deployment["metadata"]["ownerReferences"][0]["uid"],
+            "uid-1"
+        );
+        assert_eq!(
+            thumbs.deployment["metadata"]["ownerReferences"][0]["controller"],
+            true
+        );
+        assert!(
+            thumbs.deployment["spec"].get("replicas").is_none(),
+            "replicas belong to the autoscaler"
+        );
+        assert_eq!(thumbs.initial_replicas, 0, "a Function starts at zero");
+        assert_eq!(children[0].initial_replicas, 2);
+        let selector = &thumbs.deployment["spec"]["selector"]["matchLabels"];
+        assert_eq!(selector, &thumbs.service["spec"]["selector"]);
+        let pod_labels = &thumbs.deployment["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in selector.as_object().unwrap() {
+            assert_eq!(&pod_labels[k], v, "pods carry the selector label {k}");
+        }
+        assert_eq!(pod_labels[labels::MODE], "function");
+        assert_eq!(thumbs.service["spec"]["ports"][0]["targetPort"], 9000);
+    }
+
+    #[test]
+    fn names_the_port_http_unless_the_user_declared_it() {
+        let children = build(&app(SHOP));
+        let thumbs_ports =
+            &children[1].deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+        assert_eq!(
+            thumbs_ports,
+            &json!([{"name": "http", "containerPort": 9000, "protocol": "TCP"}])
+        );
+        let web_ports =
+            &children[0].deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+        assert_eq!(web_ports, &json!([{"name": "web", "containerPort": 8080}]));
+        let web_labels = &children[0].deployment["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(web_labels["team"], "store", "user labels are kept");
+    }
+
+    #[test]
+    fn only_always_on_with_cpu_metric_gets_an_hpa() {
+        let children = build(&app(SHOP));
+        let hpa = children[0].hpa.as_ref().expect("web scales on cpu");
+        assert_eq!(hpa["spec"]["minReplicas"], 2);
+        assert_eq!(hpa["spec"]["maxReplicas"], 10);
+        assert_eq!(
+            hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
+            70
+        );
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "shop-web");
+        assert!(children[1].hpa.is_none());
+    }
+
+    #[test]
+    fn up_to_date_ignores_server_defaults_but_sees_edits_and_removals() {
+        let desired = build(&app(SHOP))[1].deployment.clone();
+        let mut live = desired.clone();
+        // Server-added fields do not matter.
+        live["spec"]["replicas"] = json!(3);
+        live["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] =
+            json!("IfNotPresent");
+        live["metadata"]["resourceVersion"] = json!("42");
+        assert!(up_to_date(&desired, &live));
+        // Someone edits a field Tandem owns.
+        let mut edited = live.clone();
+        edited["spec"]["template"]["spec"]["containers"][0]["image"] = json!("evil:1");
+        assert!(!up_to_date(&desired, &edited));
+        // The spec dropped something: the fingerprint differs.
+        let mut smaller = app(SHOP);
+        smaller.spec.workloads[1].template.metadata = None;
+        let rebuilt = build(&smaller)[1].deployment.clone();
+        assert_eq!(rebuilt, desired, "same content, same object");
+        let mut with_env = app(SHOP);
+        with_env.spec.workloads[1]
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .containers[0]
+            .env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "A".into(),
+            value: Some("1".into()),
+            ..Default::default()
+        }]);
+        let with_env = build(&with_env)[1].deployment.clone();
+        assert!(
+            !up_to_date(&desired, &with_env),
+            "the live object still has A=1"
+        );
+    }
+}

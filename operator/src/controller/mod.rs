@@ -1,0 +1,569 @@
+//! The reconciler: turns each HybridApp into Deployments, Services and HPAs
+//! and reports status.
+//!
+//! Reconcile is a pipeline: dereference → validate → build (pure, in
+//! [`children`]) → apply → update status (pure, in [`status`]). Writes are
+//! server-side apply under [`MANAGER`]; a child already holding what Tandem
+//! wants is not written at all, and status is written only when it changed.
+
+pub mod children;
+pub mod metrics;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::api::{HybridApp, HybridAppStatus, labels};
+use children::WorkloadChildren;
+use metrics::ControllerMetrics;
+use status::Problem;
+
+/// Field manager of every reconciler write.
+pub const MANAGER: &str = "tandem";
+/// Field manager that owns `spec.replicas` of Deployments Tandem scales.
+pub const AUTOSCALER_MANAGER: &str = "tandem-autoscaler";
+
+/// Why a reconcile failed; the label is used in metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec cannot be applied as written; retried only after a change.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// The API server failed a request (retried with backoff).
+    #[error("API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object lacks a namespace or name (never for a real HybridApp).
+    #[error("object without {0}")]
+    MissingField(&'static str),
+}
+
+impl Error {
+    /// Short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidSpec(_) => "invalid_spec",
+            Error::Kube(kube::Error::Api(status)) if status.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(status)) if status.code == 409 => "conflict",
+            Error::Kube(_) => "api",
+            Error::MissingField(_) => "missing_field",
+        }
+    }
+}
+
+/// Settings of the reconciler.
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    /// Most HybridApps reconciled at the same time.
+    pub concurrency: u16,
+    /// Periodic re-check of a converged app (level-triggered safety net).
+    pub resync: Duration,
+    /// Only this namespace (all when `None`).
+    pub namespace: Option<String>,
+}
+
+fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// Client with the operator's identity.
+    pub client: kube::Client,
+    /// Publishes Events on HybridApps.
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: ControllerMetrics,
+    /// Settings.
+    pub settings: ControllerSettings,
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+    hpas: Store<HorizontalPodAutoscaler>,
+}
+
+/// Runs the reconciler until `shutdown` completes. Calls `on_synced` once
+/// every watch has listed its objects.
+pub async fn run(
+    client: kube::Client,
+    metrics: ControllerMetrics,
+    settings: ControllerSettings,
+    on_synced: impl FnOnce() + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let managed = watcher::Config::default().labels(&labels::managed_selector());
+    let namespace = settings.namespace.clone();
+    let namespace = namespace.as_deref();
+    let (deployments, deployments_writer) = reflector::store();
+    let (services, services_writer) = reflector::store();
+    let (hpas, hpas_writer) = reflector::store();
+    let deployment_events = reflector::reflector(
+        deployments_writer,
+        watcher(scoped::<Deployment>(&client, namespace), managed.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let service_events = reflector::reflector(
+        services_writer,
+        watcher(scoped::<Service>(&client, namespace), managed.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let hpa_events = reflector::reflector(
+        hpas_writer,
+        watcher(
+            scoped::<HorizontalPodAutoscaler>(&client, namespace),
+            managed,
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let controller = Controller::new(scoped::<HybridApp>(&client, namespace), Default::default())
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .owns_stream(deployment_events)
+        .owns_stream(service_events)
+        .owns_stream(hpa_events);
+    let apps = controller.store();
+    let context = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), Reporter::from("tandem-operator")),
+        client,
+        metrics,
+        settings,
+        deployments: deployments.clone(),
+        services: services.clone(),
+        hpas: hpas.clone(),
+    });
+    tokio::spawn(async move {
+        let synced = futures::future::join4(
+            apps.wait_until_ready(),
+            deployments.wait_until_ready(),
+            services.wait_until_ready(),
+            hpas.wait_until_ready(),
+        )
+        .await;
+        if let (Ok(()), Ok(()), Ok(()), Ok(())) = synced {
+            tracing::info!("watches synced");
+            on_synced();
+        }
+    });
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile outcome");
+            }
+        })
+        .await;
+}
+
+fn error_policy(app: Arc<HybridApp>, error: &Error, context: Arc<Context>) -> Action {
+    context.metrics.failure(error.metric_label());
+    match error {
+        Error::InvalidSpec(_) => Action::await_change(),
+        _ => {
+            tracing::warn!(app = %app.name_any(), namespace = ?app.namespace(), %error, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
+
+async fn reconcile(app: Arc<HybridApp>, context: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_app(&app, &context).await;
+    context
+        .metrics
+        .reconciled(result.is_ok(), started.elapsed());
+    result
+}
+
+async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Error> {
+    // Dereference.
+    let namespace = app.namespace().ok_or(Error::MissingField("namespace"))?;
+    let name = app
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::MissingField("name"))?;
+    if app.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the children.
+        return Ok(Action::await_change());
+    }
+
+    // Validate what the schema could not.
+    if let Err(message) = validate(app) {
+        return fail_invalid(app, context, message).await;
+    }
+
+    // Build.
+    let wanted = children::build(app);
+
+    // Apply.
+    let mut changed = Vec::new();
+    for child in &wanted {
+        match apply_workload(context, &namespace, child).await {
+            Ok(Some(change)) => changed.push(change),
+            Ok(None) => {}
+            Err(Error::Kube(kube::Error::Api(status))) if status.code == 422 => {
+                let message = format!("workload {}: {}", child.workload, status.message);
+                return fail_invalid(app, context, message).await;
+            }
+            Err(error) => {
+                let message = format!("workload {}: {error}", child.workload);
+                update_status(app, context, Some(&Problem::ApplyFailed(message))).await?;
+                return Err(error);
+            }
+        }
+    }
+    let removed = remove_unwanted(app, context, &namespace, &name, &wanted).await?;
+    for (reason, note) in changed.iter().chain(removed.iter()) {
+        publish(context, app, EventType::Normal, reason, note.clone()).await;
+    }
+
+    // Update status.
+    update_status(app, context, None).await?;
+    Ok(Action::requeue(context.settings.resync))
+}
+
+/// Checks the rules the CRD schema cannot express.
+pub fn validate(app: &HybridApp) -> Result<(), String> {
+    for workload in &app.spec.workloads {
+        let labels = workload
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref());
+        for key in [
+            labels::APP,
+            labels::WORKLOAD,
+            labels::MODE,
+            labels::MANAGED_BY,
+        ] {
+            if labels.is_some_and(|l| l.contains_key(key)) {
+                return Err(format!(
+                    "spec.workloads[{}].template.metadata.labels: {key} is set by Tandem; remove it",
+                    workload.name
+                ));
+            }
+        }
+        let restart = workload
+            .template
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref());
+        if restart.is_some_and(|r| r != "Always") {
+            return Err(format!(
+                "spec.workloads[{}].template.spec.restartPolicy: workloads serve requests, so only Always is allowed",
+                workload.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn fail_invalid(
+    app: &HybridApp,
+    context: &Context,
+    message: String,
+) -> Result<Action, Error> {
+    publish(
+        context,
+        app,
+        EventType::Warning,
+        "InvalidSpec",
+        message.clone(),
+    )
+    .await;
+    update_status(app, context, Some(&Problem::InvalidSpec(message.clone()))).await?;
+    Err(Error::InvalidSpec(message))
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+/// Applies one workload's children; returns an event to publish if anything
+/// was created or changed.
+async fn apply_workload(
+    context: &Context,
+    namespace: &str,
+    child: &WorkloadChildren,
+) -> Result<Option<(&'static str, String)>, Error> {
+    let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(context.client.clone(), namespace);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(context.client.clone(), namespace);
+    let key = |kind_name: &str| (namespace.to_string(), kind_name.to_string());
+    let (ns, name) = key(&child.name);
+
+    let mut event = None;
+    let live = context.deployments.get(&ObjectRef::new(&name).within(&ns));
+    match live {
+        Some(live) if !children::up_to_date(&child.deployment, &to_value(&*live)) => {
+            deployments
+                .patch(&name, &apply_params(), &Patch::Apply(&child.deployment))
+                .await?;
+            context.metrics.write("deployment");
+            event = Some((
+                "WorkloadUpdated",
+                format!(
+                    "applied changes to Deployment {name} (workload {})",
+                    child.workload
+                ),
+            ));
+        }
+        Some(_) => {}
+        None if deployments.get_opt(&name).await?.is_none() => {
+            create_deployment(context, &deployments, child).await?;
+            event = Some((
+                "WorkloadCreated",
+                format!(
+                    "created Deployment and Service {name} for workload {} with {} replica(s)",
+                    child.workload, child.initial_replicas
+                ),
+            ));
+        }
+        // The cache lags the API server; the watch event will bring it.
+        None => {}
+    }
+
+    let live_service = context.services.get(&ObjectRef::new(&name).within(&ns));
+    if !live_service.is_some_and(|s| children::up_to_date(&child.service, &to_value(&*s))) {
+        services
+            .patch(&name, &apply_params(), &Patch::Apply(&child.service))
+            .await?;
+        context.metrics.write("service");
+    }
+
+    let live_hpa = context.hpas.get(&ObjectRef::new(&name).within(&ns));
+    match (&child.hpa, live_hpa) {
+        (Some(hpa), live)
+            if !live
+                .as_ref()
+                .is_some_and(|l| children::up_to_date(hpa, &to_value(&**l))) =>
+        {
+            hpas.patch(&name, &apply_params(), &Patch::Apply(hpa))
+                .await?;
+            context.metrics.write("hpa");
+        }
+        (None, Some(_)) => {
+            delete_ignoring_missing(&hpas, &name).await?;
+            context.metrics.write("hpa");
+        }
+        _ => {}
+    }
+    Ok(event)
+}
+
+/// Creates the Deployment with its initial replicas, then hands `replicas`
+/// to the autoscaler's field manager: both managers apply the same value
+/// (shared ownership), and since Tandem's later applies omit the field, the
+/// autoscaler (or the HPA, which takes over from it) is its only owner.
+async fn create_deployment(
+    context: &Context,
+    deployments: &Api<Deployment>,
+    child: &WorkloadChildren,
+) -> Result<(), Error> {
+    let mut first = child.deployment.clone();
+    first["spec"]["replicas"] = json!(child.initial_replicas);
+    deployments
+        .patch(&child.name, &apply_params(), &Patch::Apply(&first))
+        .await?;
+    let replicas = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": child.name},
+        "spec": {"replicas": child.initial_replicas},
+    });
+    deployments
+        .patch(
+            &child.name,
+            &PatchParams::apply(AUTOSCALER_MANAGER),
+            &Patch::Apply(&replicas),
+        )
+        .await?;
+    // Release Tandem's share right away, so no later apply can ever touch it.
+    deployments
+        .patch(
+            &child.name,
+            &apply_params(),
+            &Patch::Apply(&child.deployment),
+        )
+        .await?;
+    context.metrics.write("deployment");
+    Ok(())
+}
+
+/// Deletes children of workloads that are no longer in the spec.
+async fn remove_unwanted(
+    app: &HybridApp,
+    context: &Context,
+    namespace: &str,
+    name: &str,
+    wanted: &[WorkloadChildren],
+) -> Result<Vec<(&'static str, String)>, Error> {
+    let keep: BTreeSet<&str> = wanted.iter().map(|c| c.name.as_str()).collect();
+    let uid = app.metadata.uid.as_deref();
+    let orphan = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.namespace.as_deref() == Some(namespace)
+            && meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(labels::APP))
+                .map(String::as_str)
+                == Some(name)
+            && !keep.contains(meta.name.as_deref().unwrap_or_default())
+            && meta
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| Some(o.uid.as_str()) == uid)
+    };
+    let mut events = Vec::new();
+    for deployment in context.deployments.state() {
+        if orphan(&deployment.metadata) {
+            let child = deployment.name_any();
+            delete_ignoring_missing(
+                &Api::<Deployment>::namespaced(context.client.clone(), namespace),
+                &child,
+            )
+            .await?;
+            context.metrics.write("deployment");
+            events.push((
+                "WorkloadRemoved",
+                format!("deleted Deployment {child}: its workload left the spec"),
+            ));
+        }
+    }
+    for service in context.services.state() {
+        if orphan(&service.metadata) {
+            delete_ignoring_missing(
+                &Api::<Service>::namespaced(context.client.clone(), namespace),
+                &service.name_any(),
+            )
+            .await?;
+            context.metrics.write("service");
+        }
+    }
+    for hpa in context.hpas.state() {
+        if orphan(&hpa.metadata) {
+            delete_ignoring_missing(
+                &Api::<HorizontalPodAutoscaler>::namespaced(context.client.clone(), namespace),
+                &hpa.name_any(),
+            )
+            .await?;
+            context.metrics.write("hpa");
+        }
+    }
+    Ok(events)
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn update_status(
+    app: &HybridApp,
+    context: &Context,
+    problem: Option<&Problem>,
+) -> Result<(), Error> {
+    let namespace = app.namespace().ok_or(Error::MissingField("namespace"))?;
+    let name = app.name_any();
+    let deployments: BTreeMap<String, Deployment> = app
+        .spec
+        .workloads
+        .iter()
+        .filter_map(|w| {
+            let child = children::child_name(&name, &w.name);
+            context
+                .deployments
+                .get(&ObjectRef::new(&child).within(&namespace))
+                .map(|d| (w.name.clone(), (*d).clone()))
+        })
+        .collect();
+    let previous = app.status.as_ref();
+    let next = status::compute(app, &deployments, problem, previous, Time(Timestamp::now()));
+    if previous == Some(&next) {
+        return Ok(());
+    }
+    let was_ready = is_ready(previous);
+    let patch = json!({
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "HybridApp",
+        "status": next,
+    });
+    let written = Api::<HybridApp>::namespaced(context.client.clone(), &namespace)
+        .patch_status(&name, &apply_params(), &Patch::Apply(&patch))
+        .await;
+    match written {
+        Ok(_) => {}
+        // Deleted while we reconciled: nothing left to report on.
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+        Err(error) => return Err(error.into()),
+    }
+    context.metrics.write("status");
+    if is_ready(Some(&next)) && !was_ready {
+        let message = next
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        publish(context, app, EventType::Normal, "Ready", message).await;
+    }
+    Ok(())
+}
+
+fn is_ready(status: Option<&HybridAppStatus>) -> bool {
+    status.is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+async fn publish(context: &Context, app: &HybridApp, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = context.recorder.publish(&event, &app.object_ref(&())).await {
+        tracing::warn!(%error, reason, "publish event");
+    }
+}
+
+fn to_value<T: serde::Serialize>(object: &T) -> Value {
+    serde_json::to_value(object).unwrap_or(Value::Null)
+}

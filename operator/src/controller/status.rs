@@ -1,0 +1,405 @@
+//! HybridApp status as a pure function of the spec and the observed children.
+//!
+//! Conditions follow the Kubernetes and kstatus conventions: `Ready`,
+//! `Progressing` and `Degraded` are always present; `Reconciling` and
+//! `Stalled` appear only while true, so `kubectl wait --for=condition=Ready`
+//! and Flux's health checks work without custom code.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{
+    HybridApp, HybridAppStatus, Mode, Route, RouteStatus, Workload, WorkloadState, WorkloadStatus,
+};
+
+/// Something that kept the reconcile from converging.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Problem {
+    /// The spec cannot be applied as written (waits for a change).
+    InvalidSpec(String),
+    /// A write failed for a reason that may pass (retried with backoff).
+    ApplyFailed(String),
+}
+
+/// Computes the status. `previous` supplies condition transition times, which
+/// change only when a condition's status changes.
+pub fn compute(
+    app: &HybridApp,
+    deployments: &BTreeMap<String, Deployment>,
+    problem: Option<&Problem>,
+    previous: Option<&HybridAppStatus>,
+    now: Time,
+) -> HybridAppStatus {
+    let workloads: Vec<WorkloadStatus> = app
+        .spec
+        .workloads
+        .iter()
+        .map(|w| workload_status(w, deployments.get(&w.name)))
+        .collect();
+    let count = |mode: Mode| workloads.iter().filter(|w| w.mode == mode).count() as i32;
+    let at_zero = workloads
+        .iter()
+        .filter(|w| w.state == WorkloadState::ScaledToZero)
+        .count() as i32;
+
+    let degraded: Vec<&WorkloadStatus> = workloads
+        .iter()
+        .filter(|w| w.state == WorkloadState::Degraded)
+        .collect();
+    let starting: Vec<&WorkloadStatus> = workloads
+        .iter()
+        .filter(|w| w.state == WorkloadState::Starting)
+        .collect();
+    let describe = |list: &[&WorkloadStatus]| {
+        list.iter()
+            .map(|w| match &w.message {
+                Some(m) => format!("{}: {m}", w.name),
+                None => format!("{} ({}/{} ready)", w.name, w.ready_replicas, w.replicas),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+
+    // (ready, progressing, degraded, reconciling, stalled), each (status, reason, message)
+    type C = (bool, &'static str, String);
+    let (ready, progressing, degraded_c, reconciling, stalled): (C, C, C, Option<C>, Option<C>) =
+        match problem {
+            Some(Problem::InvalidSpec(message)) => (
+                (false, "InvalidSpec", message.clone()),
+                (false, "InvalidSpec", "waiting for a corrected spec".into()),
+                (true, "InvalidSpec", message.clone()),
+                None,
+                Some((true, "InvalidSpec", message.clone())),
+            ),
+            Some(Problem::ApplyFailed(message)) => (
+                (false, "ApplyFailed", message.clone()),
+                (true, "Retrying", message.clone()),
+                (true, "ApplyFailed", message.clone()),
+                Some((true, "ApplyFailed", message.clone())),
+                None,
+            ),
+            None if !degraded.is_empty() => {
+                let message = describe(&degraded);
+                (
+                    (false, "WorkloadDegraded", message.clone()),
+                    (false, "WorkloadDegraded", message.clone()),
+                    (true, "WorkloadDegraded", message.clone()),
+                    None,
+                    Some((true, "WorkloadDegraded", message)),
+                )
+            }
+            None if !starting.is_empty() => {
+                let message = format!("waiting for {}", describe(&starting));
+                (
+                    (false, "WorkloadsStarting", message.clone()),
+                    (true, "WorkloadsStarting", message.clone()),
+                    (false, "AsExpected", "no workload is degraded".into()),
+                    Some((true, "WorkloadsStarting", message)),
+                    None,
+                )
+            }
+            None => {
+                let total = workloads.len();
+                let message = if at_zero > 0 {
+                    format!(
+                        "{total} workloads ready ({at_zero} function(s) scaled to zero, woken on demand)"
+                    )
+                } else {
+                    format!("{total} workloads ready")
+                };
+                (
+                    (true, "AllWorkloadsReady", message),
+                    (
+                        false,
+                        "Complete",
+                        "all workloads are at their desired state".into(),
+                    ),
+                    (false, "AsExpected", "no workload is degraded".into()),
+                    None,
+                    None,
+                )
+            }
+        };
+
+    let generation = app.metadata.generation;
+    let old = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    let mut conditions = vec![
+        condition("Ready", ready, generation, old, &now),
+        condition("Progressing", progressing, generation, old, &now),
+        condition("Degraded", degraded_c, generation, old, &now),
+    ];
+    if let Some(c) = reconciling {
+        conditions.push(condition("Reconciling", c, generation, old, &now));
+    }
+    if let Some(c) = stalled {
+        conditions.push(condition("Stalled", c, generation, old, &now));
+    }
+
+    HybridAppStatus {
+        observed_generation: generation,
+        conditions,
+        routes: app.spec.routes.iter().map(route_status).collect(),
+        functions: Some(count(Mode::Function)),
+        functions_at_zero: Some(at_zero),
+        always_on: Some(count(Mode::AlwaysOn)),
+        route_count: Some(app.spec.routes.len() as i32),
+        workloads,
+    }
+}
+
+fn condition(
+    type_: &str,
+    (status, reason, message): (bool, &'static str, String),
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn workload_status(workload: &Workload, deployment: Option<&Deployment>) -> WorkloadStatus {
+    let mut status = WorkloadStatus {
+        name: workload.name.clone(),
+        mode: workload.mode,
+        replicas: 0,
+        ready_replicas: 0,
+        state: WorkloadState::Starting,
+        message: None,
+    };
+    let Some(deployment) = deployment else {
+        status.message = Some("creating its Deployment".into());
+        return status;
+    };
+    let spec_replicas = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let observed = deployment.status.clone().unwrap_or_default();
+    status.replicas = spec_replicas;
+    status.ready_replicas = observed.ready_replicas.unwrap_or(0);
+
+    let conditions = observed.conditions.unwrap_or_default();
+    let failing = conditions.iter().find(|c| {
+        (c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+            || (c.type_ == "ReplicaFailure" && c.status == "True")
+    });
+    if let Some(failing) = failing {
+        status.state = WorkloadState::Degraded;
+        status.message = failing
+            .message
+            .clone()
+            .or_else(|| failing.reason.clone())
+            .map(|m| format!("Deployment {}", m));
+        return status;
+    }
+
+    let rolled_out = observed.observed_generation >= deployment.metadata.generation
+        && observed.updated_replicas.unwrap_or(0) >= spec_replicas
+        && observed.replicas.unwrap_or(0) <= spec_replicas
+        && status.ready_replicas >= spec_replicas;
+    status.state = match (workload.mode, spec_replicas) {
+        (Mode::Function, 0) if observed.replicas.unwrap_or(0) == 0 => WorkloadState::ScaledToZero,
+        _ if rolled_out => WorkloadState::Ready,
+        _ => WorkloadState::Starting,
+    };
+    status
+}
+
+/// Percent of a route's requests per workload, by the largest-remainder
+/// method so the shares add up to exactly 100.
+pub fn route_status(route: &Route) -> RouteStatus {
+    let total: u32 = route.backends.iter().map(|b| b.weight()).sum();
+    let mut weights = BTreeMap::new();
+    if total == 0 {
+        return RouteStatus {
+            name: route.name.clone(),
+            weights,
+        };
+    }
+    let exact: Vec<(usize, u32, u32)> = route
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let scaled = b.weight() * 100;
+            (i, scaled / total, scaled % total)
+        })
+        .collect();
+    let mut left = 100 - exact.iter().map(|(_, q, _)| q).sum::<u32>();
+    let mut by_remainder = exact.clone();
+    by_remainder.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    let mut shares: Vec<u32> = exact.iter().map(|(_, q, _)| *q).collect();
+    for (i, _, remainder) in by_remainder {
+        if left == 0 || remainder == 0 {
+            break;
+        }
+        shares[i] += 1;
+        left -= 1;
+    }
+    for (backend, share) in route.backends.iter().zip(shares) {
+        weights.insert(backend.workload.clone(), share as i32);
+    }
+    RouteStatus {
+        name: route.name.clone(),
+        weights,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn app() -> HybridApp {
+        let mut app: HybridApp = serde_yaml::from_str(
+            r#"
+apiVersion: tandem.dev/v1alpha1
+kind: HybridApp
+metadata: {name: shop, generation: 4}
+spec:
+  workloads:
+    - {name: web, mode: AlwaysOn, port: 80, template: {spec: {containers: [{name: c, image: i}]}}}
+    - {name: fn, mode: Function, port: 80, template: {spec: {containers: [{name: c, image: i}]}}}
+  routes:
+    - {name: split, match: {pathPrefix: /}, backends: [{workload: web, weight: 2}, {workload: fn, weight: 1}]}
+"#,
+        )
+        .unwrap();
+        app.metadata.generation = Some(4);
+        app
+    }
+
+    fn deployment(replicas: i32, ready: i32) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"generation": 2},
+            "spec": {"replicas": replicas, "selector": {}, "template": {}},
+            "status": {"observedGeneration": 2, "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": ready}
+        }))
+        .unwrap()
+    }
+
+    fn now() -> Time {
+        Time("2026-01-01T00:00:00Z".parse().unwrap())
+    }
+
+    fn find<'a>(status: &'a HybridAppStatus, type_: &str) -> Option<&'a Condition> {
+        status.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    #[test]
+    fn ready_when_always_on_is_ready_and_the_function_is_at_zero() {
+        let observed = BTreeMap::from([
+            ("web".to_string(), deployment(1, 1)),
+            ("fn".to_string(), deployment(0, 0)),
+        ]);
+        let status = compute(&app(), &observed, None, None, now());
+        assert_eq!(status.observed_generation, Some(4));
+        assert_eq!(find(&status, "Ready").unwrap().status, "True");
+        assert_eq!(find(&status, "Ready").unwrap().reason, "AllWorkloadsReady");
+        assert_eq!(find(&status, "Degraded").unwrap().status, "False");
+        assert!(find(&status, "Reconciling").is_none());
+        assert!(find(&status, "Stalled").is_none());
+        assert_eq!(status.workloads[1].state, WorkloadState::ScaledToZero);
+        assert_eq!(
+            (status.functions, status.functions_at_zero, status.always_on),
+            (Some(1), Some(1), Some(1))
+        );
+        assert_eq!(
+            status.routes[0].weights,
+            BTreeMap::from([("web".into(), 67), ("fn".into(), 33)])
+        );
+    }
+
+    #[test]
+    fn starting_workloads_keep_it_progressing_and_name_the_laggards() {
+        let observed = BTreeMap::from([("web".to_string(), deployment(2, 1))]);
+        let status = compute(&app(), &observed, None, None, now());
+        let ready = find(&status, "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "WorkloadsStarting")
+        );
+        assert!(
+            ready.message.contains("web (1/2 ready)"),
+            "{}",
+            ready.message
+        );
+        assert!(
+            ready.message.contains("fn: creating its Deployment"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(find(&status, "Progressing").unwrap().status, "True");
+        assert_eq!(find(&status, "Reconciling").unwrap().status, "True");
+    }
+
+    #[test]
+    fn invalid_spec_stalls_and_transition_times_only_move_on_change() {
+        let first = compute(
+            &app(),
+            &BTreeMap::new(),
+            Some(&Problem::InvalidSpec("bad template".into())),
+            None,
+            now(),
+        );
+        assert_eq!(find(&first, "Stalled").unwrap().status, "True");
+        assert_eq!(find(&first, "Ready").unwrap().reason, "InvalidSpec");
+        let later = Time("2026-01-01T01:00:00Z".parse().unwrap());
+        let again = compute(
+            &app(),
+            &BTreeMap::new(),
+            Some(&Problem::InvalidSpec("bad template".into())),
+            Some(&first),
+            later.clone(),
+        );
+        assert_eq!(first, again, "nothing changed, so nothing to write");
+        let observed = BTreeMap::from([
+            ("web".to_string(), deployment(1, 1)),
+            ("fn".to_string(), deployment(0, 0)),
+        ]);
+        let fixed = compute(&app(), &observed, None, Some(&again), later.clone());
+        assert_eq!(find(&fixed, "Ready").unwrap().last_transition_time, later);
+        assert!(find(&fixed, "Stalled").is_none());
+    }
+
+    #[test]
+    fn route_shares_add_up_to_100() {
+        for weights in [vec![1, 1, 1], vec![80, 20], vec![0, 5], vec![7, 11, 13, 17]] {
+            let backends: Vec<_> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| json!({"workload": format!("w{i}"), "weight": w}))
+                .collect();
+            let route: Route = serde_json::from_value(
+                json!({"name": "r", "match": {"pathPrefix": "/"}, "backends": backends}),
+            )
+            .unwrap();
+            let shares = route_status(&route).weights;
+            assert_eq!(
+                shares.values().sum::<i32>(),
+                100,
+                "{weights:?} -> {shares:?}"
+            );
+        }
+    }
+}

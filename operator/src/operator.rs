@@ -1,0 +1,181 @@
+//! `tandem operator`: the control-plane process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::ArgAction;
+use futures::FutureExt;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::api::Duration as KubeDuration;
+use crate::controller::{self, ControllerSettings, metrics::ControllerMetrics};
+use crate::leader::{self, LeaseConfig};
+use crate::telemetry::LogFormat;
+
+/// Flags of `tandem operator`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "TANDEM_ADMIN_ADDRESS", default_value = "0.0.0.0:9090")]
+    pub admin_address: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+
+    /// Most HybridApps reconciled at the same time.
+    #[arg(long, env = "TANDEM_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
+    pub max_concurrent_reconciles: u16,
+
+    /// Watch and reconcile only this namespace (default: all namespaces).
+    #[arg(long, env = "TANDEM_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Re-check every converged HybridApp this often, even without changes.
+    #[arg(long, env = "TANDEM_RESYNC", default_value = "10m", value_parser = parse_duration)]
+    pub resync: Duration,
+
+    /// Elect a leader on a Lease so that several replicas can run: only the
+    /// leader writes, the others wait to take over.
+    #[arg(long, env = "TANDEM_LEADER_ELECTION", default_value_t = true, action = ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the Lease.
+    #[arg(long, env = "TANDEM_LEASE_NAME", default_value = "tandem-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease (default: the pod's namespace from
+    /// POD_NAMESPACE, else `default`).
+    #[arg(long, env = "TANDEM_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long the lease lasts without renewal; a new leader takes over
+    /// within this time after the old one dies.
+    #[arg(long, env = "TANDEM_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// This replica's identity in the Lease (default: POD_NAME, else
+    /// hostname and process id).
+    #[arg(long, env = "TANDEM_IDENTITY")]
+    pub identity: Option<String>,
+}
+
+/// Parses a Kubernetes-style duration flag (`15s`, `5m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    KubeDuration::parse(text)?.to_std()
+}
+
+/// Runs the operator until SIGTERM or SIGINT.
+pub async fn run(args: OperatorArgs) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connect to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let mut registry = Registry::default();
+    let metrics = ControllerMetrics::register(&mut registry);
+    let admin_state = AdminState::new(registry);
+    let listener = admin::bind(args.admin_address)
+        .await
+        .with_context(|| format!("bind the admin address {}", args.admin_address))?;
+    tracing::info!(address = %listener.local_addr()?, "admin endpoint listening");
+    tokio::spawn(admin::serve(listener, admin_state.clone()));
+
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = {
+        let stop = stop.clone();
+        move || {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        }
+    };
+
+    let mut lease = None;
+    if args.leader_election {
+        let config = LeaseConfig {
+            lease_duration: args.lease_duration,
+            renew_deadline: args.lease_duration * 2 / 3,
+            renew_every: (args.lease_duration / 7).max(Duration::from_millis(200)),
+            ..LeaseConfig::new(
+                args.lease_namespace
+                    .clone()
+                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                    .unwrap_or_else(|| "default".into()),
+                args.lease_name.clone(),
+                identity(args.identity.clone()),
+            )
+        };
+        // A standby replica is healthy and ready to take over.
+        admin_state.set_ready(true);
+        tracing::info!(identity = %config.identity, lease = %config.name, "waiting for leadership");
+        tokio::select! {
+            held = leader::acquire(client.clone(), config) => lease = Some(held),
+            _ = stopped() => return Ok(()),
+        }
+        admin_state.set_ready(false);
+    }
+
+    let settings = ControllerSettings {
+        concurrency: args.max_concurrent_reconciles.max(1),
+        resync: args.resync,
+        namespace: args.watch_namespace.clone(),
+    };
+    let ready = admin_state.clone();
+    let controller = controller::run(
+        client,
+        metrics,
+        settings,
+        move || ready.set_ready(true),
+        stopped(),
+    );
+    match lease {
+        Some(mut held) => {
+            tokio::select! {
+                _ = controller => {}
+                _ = held.lost() => {
+                    // Stop writing at once: exit, and let Kubernetes restart
+                    // us as a candidate.
+                    tracing::error!("lost the leader lease; exiting");
+                    std::process::exit(1);
+                }
+            }
+            held.release().await;
+        }
+        None => controller.await,
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn identity(flag: Option<String>) -> String {
+    flag.or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "tandem".into());
+            format!("{host}-{}", std::process::id())
+        })
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let interrupt = tokio::signal::ctrl_c().map(drop);
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = interrupt => {}
+    }
+}
+
+/// Shared state of a running operator, for tests that embed it.
+pub type Admin = Arc<AdminState>;
