@@ -387,41 +387,25 @@ async fn steady_state_writes_nothing() {
     // Let late watch events (pod readiness, endpoint updates) settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
+    async fn add<K>(all: &mut BTreeMap<String, String>, api: Api<K>)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        for object in api.list(&ListParams::default()).await.unwrap() {
+            let key = format!("{}/{}", K::kind(&()), object.name_any());
+            all.insert(key, object.resource_version().unwrap());
+        }
+    }
     async fn versions(ns: &TestNamespace) -> BTreeMap<String, String> {
         let mut all = BTreeMap::new();
-        for app in ns
-            .api::<HybridApp>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-        {
-            all.insert(
-                format!("HybridApp/{}", app.name_any()),
-                app.resource_version().unwrap(),
-            );
-        }
-        for d in ns
-            .api::<Deployment>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-        {
-            all.insert(
-                format!("Deployment/{}", d.name_any()),
-                d.resource_version().unwrap(),
-            );
-        }
-        for s in ns
-            .api::<Service>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-        {
-            all.insert(
-                format!("Service/{}", s.name_any()),
-                s.resource_version().unwrap(),
-            );
-        }
+        add(&mut all, ns.api::<HybridApp>()).await;
+        add(&mut all, ns.api::<Deployment>()).await;
+        add(&mut all, ns.api::<Service>()).await;
+        add(
+            &mut all,
+            ns.api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>(),
+        )
+        .await;
         all
     }
     let before = versions(&ns).await;
