@@ -17,6 +17,8 @@ use tokio::net::TcpListener;
 pub struct AdminState {
     /// Set once the process is ready (watches synced).
     pub ready: AtomicBool,
+    /// What `/readyz` says when ready (for example "leading, watches synced").
+    pub detail: std::sync::Mutex<&'static str>,
     /// Metrics to expose.
     pub registry: Registry,
 }
@@ -26,12 +28,14 @@ impl AdminState {
     pub fn new(registry: Registry) -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(false),
+            detail: std::sync::Mutex::new("ready"),
             registry,
         })
     }
 
-    /// Marks the process ready or not.
-    pub fn set_ready(&self, ready: bool) {
+    /// Marks the process ready or not, with what `/readyz` should say.
+    pub fn set_ready(&self, ready: bool, detail: &'static str) {
+        *self.detail.lock().expect("detail lock") = detail;
         self.ready.store(ready, Ordering::SeqCst);
     }
 }
@@ -73,7 +77,8 @@ fn answer<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> 
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/readyz" if state.ready.load(Ordering::SeqCst) => {
-            text(StatusCode::OK, "ok\n".into(), "text/plain")
+            let detail = *state.detail.lock().expect("detail lock");
+            text(StatusCode::OK, format!("ok: {detail}\n"), "text/plain")
         }
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -115,13 +115,13 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
             )
         };
         // A standby replica is healthy and ready to take over.
-        admin_state.set_ready(true);
+        admin_state.set_ready(true, "standby, waiting for the lease");
         tracing::info!(identity = %config.identity, lease = %config.name, "waiting for leadership");
         tokio::select! {
             held = leader::acquire(client.clone(), config) => lease = Some(held),
             _ = stopped() => return Ok(()),
         }
-        admin_state.set_ready(false);
+        admin_state.set_ready(false, "leading, watches not synced yet");
     }
 
     let settings = ControllerSettings {
@@ -134,7 +134,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         client,
         metrics,
         settings,
-        move || ready.set_ready(true),
+        move || ready.set_ready(true, "leading, watches synced"),
         stopped(),
     );
     match lease {

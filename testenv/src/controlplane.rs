@@ -17,6 +17,14 @@ use crate::process::{ChildProcess, ProcessSpec, peak_rss_bytes, run, spawn};
 /// The service range; distinct from every pod range (10.244.0.0/16).
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 
+/// Optional features of a control plane.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Write an audit log (`audit.log`, JSON, one line per request at
+    /// metadata level) so a benchmark can count requests per user.
+    pub audit_log: bool,
+}
+
 /// A running local control plane with its pod network.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -41,6 +49,11 @@ impl ControlPlane {
     /// Builds (first run only) and starts the control plane, then waits until
     /// the API server is ready and the controller-manager is working.
     pub async fn start() -> Result<Self> {
+        Self::start_with(Options::default()).await
+    }
+
+    /// Like [`ControlPlane::start`], with options.
+    pub async fn start_with(options: Options) -> Result<Self> {
         let binaries = tokio::task::spawn_blocking(Binaries::ensure).await??;
         let started = Instant::now();
         let network = Arc::new(tokio::task::spawn_blocking(PodNetwork::create).await??);
@@ -68,9 +81,14 @@ impl ControlPlane {
                 path_str(&dir.join("sa.key")),
             ],
         )?;
+        // The controller-manager gets its own user, so the audit log (and
+        // anyone reading it) can tell its requests from the admin's.
+        let controller_token = random_hex(16)?;
         std::fs::write(
             dir.join("tokens.csv"),
-            format!("{admin_token},tandem-admin,tandem-admin,\"system:masters\"\n"),
+            format!(
+                "{admin_token},tandem-admin,tandem-admin,\"system:masters\"\n{controller_token},system:kube-controller-manager,kube-controller-manager,\"system:masters\"\n"
+            ),
         )?;
 
         let mut control_plane = Self {
@@ -111,29 +129,44 @@ impl ControlPlane {
             .await?;
 
         let sa_key = dir.join("sa.key");
-        control_plane.spawn(
-            "kube-apiserver",
-            ProcessSpec::new(
-                path_str(&control_plane.binaries.kube_apiserver()),
-                &[
-                    &format!("--etcd-servers={etcd_url}"),
-                    &format!("--bind-address={node_ip}"),
-                    &format!("--advertise-address={node_ip}"),
-                    &format!("--secure-port={api_port}"),
-                    &format!("--cert-dir={}", dir.join("pki").display()),
-                    &format!("--token-auth-file={}", dir.join("tokens.csv").display()),
-                    "--authorization-mode=RBAC",
-                    "--allow-privileged=true",
-                    &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                    &format!("--service-account-issuer={}", control_plane.server),
-                    &format!("--service-account-key-file={}", sa_key.display()),
-                    &format!("--service-account-signing-key-file={}", sa_key.display()),
-                    "--profiling=false",
-                    "--v=1",
-                ],
-                &log("kube-apiserver"),
-            ),
-        )?;
+        let mut audit_flags = Vec::new();
+        if options.audit_log {
+            std::fs::write(
+                dir.join("audit-policy.yaml"),
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+            )?;
+            audit_flags = vec![
+                format!(
+                    "--audit-policy-file={}",
+                    dir.join("audit-policy.yaml").display()
+                ),
+                format!("--audit-log-path={}", dir.join("audit.log").display()),
+                "--audit-log-format=json".to_string(),
+                "--audit-log-maxsize=0".to_string(),
+            ];
+        }
+        let mut apiserver = ProcessSpec::new(
+            path_str(&control_plane.binaries.kube_apiserver()),
+            &[
+                &format!("--etcd-servers={etcd_url}"),
+                &format!("--bind-address={node_ip}"),
+                &format!("--advertise-address={node_ip}"),
+                &format!("--secure-port={api_port}"),
+                &format!("--cert-dir={}", dir.join("pki").display()),
+                &format!("--token-auth-file={}", dir.join("tokens.csv").display()),
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                &format!("--service-account-issuer={}", control_plane.server),
+                &format!("--service-account-key-file={}", sa_key.display()),
+                &format!("--service-account-signing-key-file={}", sa_key.display()),
+                "--profiling=false",
+                "--v=1",
+            ],
+            &log("kube-apiserver"),
+        );
+        apiserver.args.extend(audit_flags);
+        control_plane.spawn("kube-apiserver", apiserver)?;
         let cert = dir.join("pki").join("apiserver.crt");
         control_plane.ca_pem = control_plane.wait_for_file("kube-apiserver", &cert).await?;
         std::fs::write(
@@ -141,13 +174,22 @@ impl ControlPlane {
             control_plane.kubeconfig_for("tandem-admin", &admin_token, "default"),
         )?;
         control_plane.wait_for_api_server().await?;
+        let controller_kubeconfig = dir.join("kube-controller-manager.kubeconfig");
+        std::fs::write(
+            &controller_kubeconfig,
+            control_plane.kubeconfig_for(
+                "system:kube-controller-manager",
+                &controller_token,
+                "kube-system",
+            ),
+        )?;
 
         control_plane.spawn(
             "kube-controller-manager",
             ProcessSpec::new(
                 path_str(&control_plane.binaries.kube_controller_manager()),
                 &[
-                    &format!("--kubeconfig={}", control_plane.kubeconfig.display()),
+                    &format!("--kubeconfig={}", controller_kubeconfig.display()),
                     "--leader-elect=false",
                     "--bind-address=127.0.0.1",
                     "--secure-port=0",
@@ -179,6 +221,11 @@ impl ControlPlane {
     /// A kubeconfig that authenticates with `token`.
     pub fn kubeconfig_for(&self, user: &str, token: &str, namespace: &str) -> String {
         crate::kubeconfig(&self.server, &self.ca_pem, user, token, namespace)
+    }
+
+    /// The audit log, when started with [`Options::audit_log`].
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
     }
 
     /// Sum of the peak resident memory of etcd, the API server and the

@@ -102,6 +102,82 @@ pub struct Context {
     deployments: Store<Deployment>,
     services: Store<Service>,
     hpas: Store<HorizontalPodAutoscaler>,
+    /// Set once every watch has listed its objects.
+    synced: Arc<std::sync::atomic::AtomicBool>,
+    /// Deployments this process created that the watch has not shown yet.
+    created: std::sync::Mutex<BTreeMap<(String, String), Instant>>,
+}
+
+impl Context {
+    fn remember_created(&self, namespace: &str, name: &str) {
+        let mut created = self.created.lock().expect("created lock");
+        created.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+        created.insert((namespace.into(), name.into()), Instant::now());
+    }
+
+    fn recently_created(&self, namespace: &str, name: &str) -> bool {
+        let created = self.created.lock().expect("created lock");
+        created
+            .get(&(namespace.to_string(), name.to_string()))
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+    }
+
+    fn forget_created(&self, namespace: &str, name: &str) {
+        let mut created = self.created.lock().expect("created lock");
+        if !created.is_empty() {
+            created.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+}
+
+/// Watches one kind of child into a cache, in its own task, and sends the
+/// owning HybridApp of every changed or deleted child to `owners`.
+fn spawn_child_cache<K>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    config: &watcher::Config,
+    owners: tokio::sync::mpsc::Sender<ObjectRef<HybridApp>>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let events = reflector::reflector(
+        writer,
+        watcher(scoped::<K>(client, namespace), config.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            let child = match event {
+                Ok(child) => child,
+                Err(error) => {
+                    tracing::warn!(%error, kind = %K::kind(&()), "child watch");
+                    continue;
+                }
+            };
+            let namespace = child.meta().namespace.clone().unwrap_or_default();
+            for owner in child
+                .owner_references()
+                .iter()
+                .filter(|o| o.kind == "HybridApp" && o.controller == Some(true))
+            {
+                let owner = ObjectRef::new(&owner.name).within(&namespace);
+                if owners.send(owner).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    store
 }
 
 /// Runs the reconciler until `shutdown` completes. Calls `on_synced` once
@@ -116,36 +192,21 @@ pub async fn run(
     let managed = watcher::Config::default().labels(&labels::managed_selector());
     let namespace = settings.namespace.clone();
     let namespace = namespace.as_deref();
-    let (deployments, deployments_writer) = reflector::store();
-    let (services, services_writer) = reflector::store();
-    let (hpas, hpas_writer) = reflector::store();
-    let deployment_events = reflector::reflector(
-        deployments_writer,
-        watcher(scoped::<Deployment>(&client, namespace), managed.clone()),
-    )
-    .default_backoff()
-    .touched_objects();
-    let service_events = reflector::reflector(
-        services_writer,
-        watcher(scoped::<Service>(&client, namespace), managed.clone()),
-    )
-    .default_backoff()
-    .touched_objects();
-    let hpa_events = reflector::reflector(
-        hpas_writer,
-        watcher(
-            scoped::<HorizontalPodAutoscaler>(&client, namespace),
-            managed,
-        ),
-    )
-    .default_backoff()
-    .touched_objects();
+    // Child caches run in their own tasks, so they keep up whatever the
+    // controller is doing; each child event asks for its owner's reconcile.
+    let (owners_tx, owners_rx) = tokio::sync::mpsc::channel::<ObjectRef<HybridApp>>(1024);
+    let deployments =
+        spawn_child_cache::<Deployment>(&client, namespace, &managed, owners_tx.clone());
+    let services = spawn_child_cache::<Service>(&client, namespace, &managed, owners_tx.clone());
+    let hpas =
+        spawn_child_cache::<HorizontalPodAutoscaler>(&client, namespace, &managed, owners_tx);
+    let owner_events = futures::stream::unfold(owners_rx, |mut rx| async move {
+        rx.recv().await.map(|owner| (owner, rx))
+    });
 
     let controller = Controller::new(scoped::<HybridApp>(&client, namespace), Default::default())
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
-        .owns_stream(deployment_events)
-        .owns_stream(service_events)
-        .owns_stream(hpa_events);
+        .reconcile_on(owner_events);
     let apps = controller.store();
     let context = Arc::new(Context {
         recorder: Recorder::new(client.clone(), Reporter::from("tandem-operator")),
@@ -155,19 +216,37 @@ pub async fn run(
         deployments: deployments.clone(),
         services: services.clone(),
         hpas: hpas.clone(),
+        created: Default::default(),
+        synced: Default::default(),
     });
+    let synced_flag = context.synced.clone();
     tokio::spawn(async move {
-        let synced = futures::future::join4(
-            apps.wait_until_ready(),
-            deployments.wait_until_ready(),
-            services.wait_until_ready(),
-            hpas.wait_until_ready(),
-        )
-        .await;
-        if let (Ok(()), Ok(()), Ok(()), Ok(())) = synced {
-            tracing::info!("watches synced");
-            on_synced();
+        // Poll rather than await the caches: a store's readiness signal does
+        // not reliably wake more than one waiter, and the controller's runner
+        // already waits on the HybridApp store.
+        async fn listed<K>(store: &Store<K>) -> bool
+        where
+            K: kube::runtime::reflector::Lookup + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            matches!(
+                tokio::time::timeout(Duration::ZERO, store.wait_until_ready()).await,
+                Ok(Ok(()))
+            )
         }
+        loop {
+            if listed(&apps).await
+                && listed(&deployments).await
+                && listed(&services).await
+                && listed(&hpas).await
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!("watches synced");
+        synced_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        on_synced();
     });
     controller
         .graceful_shutdown_on(shutdown)
@@ -201,6 +280,14 @@ async fn reconcile(app: Arc<HybridApp>, context: Arc<Context>) -> Result<Action,
 }
 
 async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Error> {
+    // The child caches must be complete before they can say "absent"; after
+    // that, absent means absent (or created by us a moment ago). Awaiting
+    // them here would stall the controller that drives them, so requeue.
+    tracing::debug!(app = %app.name_any(), "reconcile");
+    if !context.synced.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
+
     // Dereference.
     let namespace = app.namespace().ok_or(Error::MissingField("namespace"))?;
     let name = app
@@ -239,11 +326,22 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
         }
     }
     let removed = remove_unwanted(app, context, &namespace, &name, &wanted).await?;
-    for (reason, note) in changed.iter().chain(removed.iter()) {
-        publish(context, app, EventType::Normal, reason, note.clone()).await;
+    // One Event per kind of change, naming every workload it touched.
+    let mut by_reason: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (reason, note) in changed.into_iter().chain(removed) {
+        by_reason.entry(reason).or_default().push(note);
+    }
+    let created = by_reason.contains_key("WorkloadCreated");
+    for (reason, notes) in by_reason {
+        publish(context, app, EventType::Normal, reason, notes.join("; ")).await;
     }
 
-    // Update status.
+    // Update status. Right after creating children the cache cannot know
+    // them yet; their watch events trigger the next reconcile, which reports
+    // on them (the requeue is only a safety net), so skip a useless write.
+    if created {
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     update_status(app, context, None).await?;
     Ok(Action::requeue(context.settings.resync))
 }
@@ -321,32 +419,35 @@ async fn apply_workload(
     let mut event = None;
     let live = context.deployments.get(&ObjectRef::new(&name).within(&ns));
     match live {
-        Some(live) if !children::up_to_date(&child.deployment, &to_value(&*live)) => {
-            deployments
-                .patch(&name, &apply_params(), &Patch::Apply(&child.deployment))
-                .await?;
-            context.metrics.write("deployment");
-            event = Some((
-                "WorkloadUpdated",
-                format!(
-                    "applied changes to Deployment {name} (workload {})",
-                    child.workload
-                ),
-            ));
+        Some(live) => {
+            context.forget_created(&ns, &name);
+            if !children::up_to_date(&child.deployment, &to_value(&*live)) {
+                if owns_replicas(&live) {
+                    hand_over_replicas(&deployments, &live).await?;
+                }
+                deployments
+                    .patch(&name, &apply_params(), &Patch::Apply(&child.deployment))
+                    .await?;
+                context.metrics.write("deployment");
+                event = Some((
+                    "WorkloadUpdated",
+                    format!("{} (Deployment {name})", child.workload),
+                ));
+            }
         }
-        Some(_) => {}
-        None if deployments.get_opt(&name).await?.is_none() => {
+        // Created by us a moment ago; the watch has not delivered it yet.
+        None if context.recently_created(&ns, &name) => {}
+        None => {
             create_deployment(context, &deployments, child).await?;
+            context.remember_created(&ns, &name);
             event = Some((
                 "WorkloadCreated",
                 format!(
-                    "created Deployment and Service {name} for workload {} with {} replica(s)",
+                    "{} (Deployment and Service {name}, {} replica(s))",
                     child.workload, child.initial_replicas
                 ),
             ));
         }
-        // The cache lags the API server; the watch event will bring it.
-        None => {}
     }
 
     let live_service = context.services.get(&ObjectRef::new(&name).within(&ns));
@@ -377,10 +478,11 @@ async fn apply_workload(
     Ok(event)
 }
 
-/// Creates the Deployment with its initial replicas, then hands `replicas`
-/// to the autoscaler's field manager: both managers apply the same value
-/// (shared ownership), and since Tandem's later applies omit the field, the
-/// autoscaler (or the HPA, which takes over from it) is its only owner.
+/// Creates the Deployment with its initial replicas. Tandem owns `replicas`
+/// only until its next apply, which hands it over first (see
+/// [`hand_over_replicas`]); a write by the autoscaler (forced apply) or the HPA
+/// (update) takes it over earlier. So the field never falls back to its
+/// default, and after creation exactly one writer changes it.
 async fn create_deployment(
     context: &Context,
     deployments: &Api<Deployment>,
@@ -391,28 +493,43 @@ async fn create_deployment(
     deployments
         .patch(&child.name, &apply_params(), &Patch::Apply(&first))
         .await?;
-    let replicas = json!({
+    context.metrics.write("deployment");
+    Ok(())
+}
+
+/// Whether Tandem's own apply still owns `spec.replicas` (set at creation).
+fn owns_replicas(deployment: &Deployment) -> bool {
+    deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|m| {
+            m.manager.as_deref() == Some(MANAGER)
+                && m.operation.as_deref() == Some("Apply")
+                && m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+        })
+}
+
+/// Before an apply that omits `replicas` releases Tandem's ownership, the
+/// autoscaler's manager applies the current value, so the field stays.
+async fn hand_over_replicas(deployments: &Api<Deployment>, live: &Deployment) -> Result<(), Error> {
+    let replicas = live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let patch = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": child.name},
-        "spec": {"replicas": child.initial_replicas},
+        "metadata": {"name": live.metadata.name},
+        "spec": {"replicas": replicas},
     });
     deployments
         .patch(
-            &child.name,
+            live.metadata.name.as_deref().unwrap_or_default(),
             &PatchParams::apply(AUTOSCALER_MANAGER),
-            &Patch::Apply(&replicas),
+            &Patch::Apply(&patch),
         )
         .await?;
-    // Release Tandem's share right away, so no later apply can ever touch it.
-    deployments
-        .patch(
-            &child.name,
-            &apply_params(),
-            &Patch::Apply(&child.deployment),
-        )
-        .await?;
-    context.metrics.write("deployment");
     Ok(())
 }
 

@@ -1,0 +1,454 @@
+//! The routing table: an immutable snapshot built from HybridApps and
+//! EndpointSlices, swapped atomically as a whole, so a request never sees half
+//! an update.
+//!
+//! Matching: host first (an app listing the host beats an app that takes any
+//! host), then an exact path before the longest path prefix (segment-aware:
+//! `/api` matches `/api` and `/api/x`, never `/apiary`), then routes with more
+//! header conditions, then routes that restrict methods. The first route in
+//! that order whose methods and headers match wins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::{HybridApp, Method, Mode};
+
+/// Identifies a workload across the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadKey {
+    /// Namespace of the HybridApp.
+    pub namespace: String,
+    /// HybridApp name.
+    pub app: String,
+    /// Workload name.
+    pub workload: String,
+}
+
+impl std::fmt::Display for WorkloadKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.namespace, self.app, self.workload)
+    }
+}
+
+/// Where and how one workload is served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadTarget {
+    /// Which workload.
+    pub key: WorkloadKey,
+    /// Function (may be cold) or AlwaysOn.
+    pub mode: Mode,
+    /// Deadline of one request, cold start included.
+    pub request_timeout: Duration,
+    /// Ready endpoints (pod IP and port), sorted.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// How a route matches the path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// Exactly this path.
+    Exact(String),
+    /// This prefix, segment by segment (stored without a trailing `/`,
+    /// except for the root prefix `/`).
+    Prefix(String),
+}
+
+impl PathMatch {
+    /// Whether `path` (without query) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(exact) => path == exact,
+            PathMatch::Prefix(prefix) if prefix == "/" => true,
+            PathMatch::Prefix(prefix) => {
+                path.starts_with(prefix.as_str())
+                    && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
+            }
+        }
+    }
+}
+
+/// One route, compiled for matching.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompiledRoute {
+    /// Namespace of its HybridApp.
+    pub namespace: String,
+    /// Its HybridApp.
+    pub app: String,
+    /// Route name.
+    pub name: String,
+    /// Whether its app lists hosts (more specific than any-host apps).
+    pub host_specific: bool,
+    /// Path condition.
+    pub path: PathMatch,
+    /// Allowed methods (empty: any).
+    pub methods: Vec<Method>,
+    /// Required headers: lowercase name and exact value.
+    pub headers: Vec<(String, String)>,
+    /// Backends with their weights (weight 0 backends are dropped).
+    pub backends: Vec<(WorkloadKey, u32)>,
+    /// Sum of the weights.
+    pub total_weight: u32,
+}
+
+impl CompiledRoute {
+    /// Sort key: more specific first.
+    fn specificity(&self) -> impl Ord + use<> {
+        let (exact, prefix_len) = match &self.path {
+            PathMatch::Exact(p) => (true, p.len()),
+            PathMatch::Prefix(p) => (false, if p == "/" { 0 } else { p.len() }),
+        };
+        (
+            std::cmp::Reverse(self.host_specific),
+            std::cmp::Reverse(exact),
+            std::cmp::Reverse(prefix_len),
+            std::cmp::Reverse(self.headers.len()),
+            std::cmp::Reverse(!self.methods.is_empty()),
+            self.namespace.clone(),
+            self.app.clone(),
+            self.name.clone(),
+        )
+    }
+
+    /// Whether the request's method and headers satisfy this route.
+    pub fn accepts(&self, method: &http::Method, headers: &http::HeaderMap) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| method_name(*m) == method.as_str()))
+            && self.headers.iter().all(|(name, value)| {
+                headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .any(|v| v.as_bytes() == value.as_bytes())
+            })
+    }
+}
+
+/// The HTTP name of a method.
+pub fn method_name(method: Method) -> &'static str {
+    match method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Post => "POST",
+        Method::Put => "PUT",
+        Method::Patch => "PATCH",
+        Method::Delete => "DELETE",
+        Method::Options => "OPTIONS",
+        Method::Connect => "CONNECT",
+        Method::Trace => "TRACE",
+    }
+}
+
+/// Immutable routing snapshot.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    by_host: HashMap<String, Vec<Arc<CompiledRoute>>>,
+    any_host: Vec<Arc<CompiledRoute>>,
+    workloads: HashMap<WorkloadKey, Arc<WorkloadTarget>>,
+}
+
+impl RoutingTable {
+    /// Builds a table from apps and the ready endpoints of each workload.
+    pub fn build(apps: &[HybridApp], endpoints: &HashMap<WorkloadKey, Vec<SocketAddr>>) -> Self {
+        let mut table = RoutingTable::default();
+        let mut any_host = Vec::new();
+        let mut by_host: BTreeMap<String, Vec<Arc<CompiledRoute>>> = BTreeMap::new();
+        for app in apps {
+            let (Some(namespace), Some(name)) = (app.metadata.namespace.clone(), app.metadata.name.clone()) else {
+                continue;
+            };
+            for workload in &app.spec.workloads {
+                let key = WorkloadKey {
+                    namespace: namespace.clone(),
+                    app: name.clone(),
+                    workload: workload.name.clone(),
+                };
+                let mut ready = endpoints.get(&key).cloned().unwrap_or_default();
+                ready.sort();
+                ready.dedup();
+                table.workloads.insert(
+                    key.clone(),
+                    Arc::new(WorkloadTarget {
+                        key,
+                        mode: workload.mode,
+                        request_timeout: workload.request_timeout(),
+                        endpoints: ready,
+                    }),
+                );
+            }
+            let host_specific = !app.spec.hosts.is_empty();
+            for route in &app.spec.routes {
+                let path = match (&route.matches.path, &route.matches.path_prefix) {
+                    (Some(exact), _) => PathMatch::Exact(exact.clone()),
+                    (None, Some(prefix)) => {
+                        let trimmed = prefix.trim_end_matches('/');
+                        PathMatch::Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
+                    }
+                    (None, None) => PathMatch::Prefix("/".into()),
+                };
+                let backends: Vec<(WorkloadKey, u32)> = route
+                    .backends
+                    .iter()
+                    .filter(|b| b.weight() > 0)
+                    .map(|b| {
+                        (
+                            WorkloadKey {
+                                namespace: namespace.clone(),
+                                app: name.clone(),
+                                workload: b.workload.clone(),
+                            },
+                            b.weight(),
+                        )
+                    })
+                    .collect();
+                let compiled = Arc::new(CompiledRoute {
+                    namespace: namespace.clone(),
+                    app: name.clone(),
+                    name: route.name.clone(),
+                    host_specific,
+                    path,
+                    methods: route.matches.methods.clone(),
+                    headers: route
+                        .matches
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                        .collect(),
+                    total_weight: backends.iter().map(|(_, w)| w).sum(),
+                    backends,
+                });
+                if host_specific {
+                    for host in &app.spec.hosts {
+                        by_host.entry(host.to_ascii_lowercase()).or_default().push(compiled.clone());
+                    }
+                } else {
+                    any_host.push(compiled);
+                }
+            }
+        }
+        // A host's list also holds the any-host routes, after its own.
+        any_host.sort_by_key(|r| r.specificity());
+        for (host, mut routes) in by_host {
+            routes.extend(any_host.iter().cloned());
+            routes.sort_by_key(|r| r.specificity());
+            table.by_host.insert(host, routes);
+        }
+        table.any_host = any_host;
+        table
+    }
+
+    /// The best route for a request, if any.
+    pub fn route(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &http::Method,
+        headers: &http::HeaderMap,
+    ) -> Option<&Arc<CompiledRoute>> {
+        let candidates = host
+            .map(normalize_host)
+            .and_then(|h| self.by_host.get(h.as_ref()))
+            .unwrap_or(&self.any_host);
+        candidates
+            .iter()
+            .find(|r| r.path.matches(path) && r.accepts(method, headers))
+    }
+
+    /// A workload's target.
+    pub fn workload(&self, key: &WorkloadKey) -> Option<&Arc<WorkloadTarget>> {
+        self.workloads.get(key)
+    }
+
+    /// Every workload in the table.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<WorkloadTarget>> {
+        self.workloads.values()
+    }
+
+    /// Number of distinct routes.
+    pub fn route_count(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        self.by_host
+            .values()
+            .flatten()
+            .chain(self.any_host.iter())
+            .filter(|r| seen.insert(Arc::as_ptr(r)))
+            .count()
+    }
+}
+
+/// Lowercase host without port (`Shop.Example.com:8080` → `shop.example.com`).
+/// IPv6 literals are left as they are: no route names one.
+pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !host.starts_with('[') && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn app(namespace: &str, name: &str, hosts: &[&str], routes: serde_json::Value) -> HybridApp {
+        let mut app: HybridApp = serde_json::from_value(json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "hosts": hosts,
+                "workloads": [
+                    {"name": "a", "mode": "AlwaysOn", "port": 80, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
+                    {"name": "b", "mode": "Function", "port": 80, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}}
+                ],
+                "routes": routes
+            }
+        }))
+        .unwrap();
+        app.metadata.namespace = Some(namespace.into());
+        app
+    }
+
+    fn route<'a>(table: &'a RoutingTable, host: Option<&str>, path: &str, method: &str, headers: &[(&str, &str)]) -> Option<&'a str> {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        table
+            .route(host, path, &method.parse().unwrap(), &map)
+            .map(|r| r.name.as_str())
+    }
+
+    fn shop() -> RoutingTable {
+        let routes = json!([
+            {"name": "root", "match": {"pathPrefix": "/"}, "backends": [{"workload": "a"}]},
+            {"name": "api", "match": {"pathPrefix": "/api/"}, "backends": [{"workload": "a"}]},
+            {"name": "api-v2", "match": {"pathPrefix": "/api/v2"}, "backends": [{"workload": "b"}]},
+            {"name": "login", "match": {"path": "/api/login"}, "backends": [{"workload": "b"}]},
+            {"name": "upload", "match": {"pathPrefix": "/api", "methods": ["POST", "PUT"]}, "backends": [{"workload": "b"}]},
+            {"name": "beta", "match": {"pathPrefix": "/api", "headers": [{"name": "X-Beta", "value": "on"}]}, "backends": [{"workload": "b"}]}
+        ]);
+        let other = json!([{"name": "other", "match": {"pathPrefix": "/api"}, "backends": [{"workload": "a"}]}]);
+        RoutingTable::build(
+            &[app("ns", "shop", &["shop.example.com"], routes), app("ns", "any", &[], other)],
+            &HashMap::new(),
+        )
+    }
+
+    #[test]
+    fn exact_path_beats_any_prefix_and_longer_prefixes_win() {
+        let t = shop();
+        let host = Some("shop.example.com");
+        assert_eq!(route(&t, host, "/api/login", "GET", &[]), Some("login"));
+        assert_eq!(route(&t, host, "/api/login/x", "GET", &[]), Some("api"));
+        assert_eq!(route(&t, host, "/api/v2/items", "GET", &[]), Some("api-v2"));
+        assert_eq!(route(&t, host, "/api/v2", "GET", &[]), Some("api-v2"));
+        assert_eq!(route(&t, host, "/api", "GET", &[]), Some("api"), "a trailing / in a prefix is not required");
+        assert_eq!(route(&t, host, "/", "GET", &[]), Some("root"));
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments_only() {
+        let t = shop();
+        let host = Some("shop.example.com");
+        assert_eq!(route(&t, host, "/apiary", "GET", &[]), Some("root"));
+        assert_eq!(route(&t, host, "/api/v20", "GET", &[]), Some("api"));
+    }
+
+    #[test]
+    fn methods_and_headers_refine_a_match() {
+        let t = shop();
+        let host = Some("shop.example.com");
+        assert_eq!(route(&t, host, "/api/x", "POST", &[]), Some("upload"));
+        assert_eq!(route(&t, host, "/api/x", "GET", &[("x-beta", "on")]), Some("beta"));
+        assert_eq!(route(&t, host, "/api/x", "GET", &[("x-beta", "off")]), Some("api"));
+        assert_eq!(route(&t, host, "/api/x", "POST", &[("x-beta", "on")]), Some("beta"), "more header conditions first");
+    }
+
+    #[test]
+    fn hosts_match_exactly_and_apps_without_hosts_take_the_rest() {
+        let t = shop();
+        assert_eq!(route(&t, Some("SHOP.example.com:8080"), "/api/login", "GET", &[]), Some("login"));
+        assert_eq!(route(&t, Some("other.example.com"), "/api/login", "GET", &[]), Some("other"));
+        assert_eq!(route(&t, None, "/api", "GET", &[]), Some("other"));
+        assert_eq!(route(&t, Some("other.example.com"), "/nothing", "GET", &[]), None, "no match: 404");
+        assert_eq!(t.route_count(), 7);
+    }
+
+    #[test]
+    fn workloads_carry_mode_timeout_and_sorted_endpoints() {
+        let key = WorkloadKey { namespace: "ns".into(), app: "shop".into(), workload: "b".into() };
+        let endpoints = HashMap::from([(key.clone(), vec!["10.0.0.2:80".parse().unwrap(), "10.0.0.1:80".parse().unwrap()])]);
+        let t = RoutingTable::build(&[app("ns", "shop", &[], json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "b"}]}]))], &endpoints);
+        let target = t.workload(&key).unwrap();
+        assert_eq!(target.mode, Mode::Function);
+        assert_eq!(target.request_timeout, Duration::from_secs(30));
+        assert_eq!(target.endpoints, ["10.0.0.1:80".parse().unwrap(), "10.0.0.2:80".parse::<SocketAddr>().unwrap()]);
+    }
+
+    const SEGMENTS: &[&str] = &["a", "ab", "b", "api", "v1"];
+
+    fn arb_path() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(SEGMENTS), 0..4).prop_map(|s| format!("/{}", s.join("/")))
+    }
+
+    fn arb_route() -> impl Strategy<Value = serde_json::Value> {
+        (arb_path(), any::<bool>(), prop::option::of(prop::sample::select(vec!["GET", "POST"])), any::<bool>()).prop_map(
+            |(path, exact, method, header)| {
+                let mut m = if exact { json!({"path": path}) } else { json!({"pathPrefix": path}) };
+                if let Some(method) = method {
+                    m["methods"] = json!([method]);
+                }
+                if header {
+                    m["headers"] = json!([{"name": "x-h", "value": "1"}]);
+                }
+                m
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn a_prefix_matches_exactly_the_paths_that_start_with_its_segments(prefix in arb_path(), path in arb_path()) {
+            let segments = |p: &str| p.split('/').filter(|s| !s.is_empty()).map(String::from).collect::<Vec<_>>();
+            let (p, q) = (segments(&prefix), segments(&path));
+            let expected = q.len() >= p.len() && q[..p.len()] == p[..];
+            let trimmed = prefix.trim_end_matches('/');
+            let matcher = PathMatch::Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() });
+            prop_assert_eq!(matcher.matches(&path), expected, "{} vs {}", prefix, path);
+        }
+
+        #[test]
+        fn never_matches_a_less_specific_route_than_the_best(
+            matches in prop::collection::vec(arb_route(), 1..12),
+            path in arb_path(),
+            post in any::<bool>(),
+            header in any::<bool>(),
+        ) {
+            let routes: Vec<_> = matches.iter().enumerate()
+                .map(|(i, m)| json!({"name": format!("r{i}"), "match": m, "backends": [{"workload": "a"}]}))
+                .collect();
+            let t = RoutingTable::build(&[app("ns", "x", &[], json!(routes))], &HashMap::new());
+            let method: http::Method = if post { http::Method::POST } else { http::Method::GET };
+            let mut headers = http::HeaderMap::new();
+            if header {
+                headers.insert("x-h", "1".parse().unwrap());
+            }
+            // Brute force: every route that matches, and the best specificity among them.
+            let all: Vec<&Arc<CompiledRoute>> = t.any_host.iter().filter(|r| r.path.matches(&path) && r.accepts(&method, &headers)).collect();
+            let chosen = t.route(Some("h"), &path, &method, &headers);
+            match (all.iter().map(|r| r.specificity()).min(), chosen) {
+                (None, None) => {}
+                (Some(best), Some(chosen)) => {
+                    prop_assert!(chosen.path.matches(&path) && chosen.accepts(&method, &headers));
+                    prop_assert!(chosen.specificity() == best, "chose {} over a more specific route", chosen.name);
+                }
+                (best, chosen) => prop_assert!(false, "best {:?}, chosen {:?}", best.is_some(), chosen.map(|c| &c.name)),
+            }
+        }
+    }
+}
