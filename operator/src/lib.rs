@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod api;
 pub mod controller;
+pub mod gateway;
 pub mod leader;
 pub mod operator;
+pub mod protocol;
 pub mod telemetry;

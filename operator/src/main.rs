@@ -34,8 +34,14 @@ enum Command {
     /// Run the data plane: the HTTP gateway that routes, splits and holds
     /// requests for HybridApps.
     ///
-    /// Not implemented yet.
-    Gateway,
+    /// Run the data plane: the HTTP gateway that routes by host and path,
+    /// splits by weight, and holds requests while a function starts.
+    ///
+    /// Routes and endpoints come from the Kubernetes API (HybridApps and
+    /// EndpointSlices) or, with --static-config, from a file. Serves
+    /// /healthz, /readyz and /metrics on --admin-address. SIGTERM stops
+    /// accepting and lets in-flight requests finish within --shutdown-grace.
+    Gateway(tandem::gateway::GatewayArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,8 +54,9 @@ fn main() -> Result<()> {
             tandem::telemetry::init(args.log_format);
             tokio::runtime::Runtime::new()?.block_on(tandem::operator::run(args))
         }
-        Command::Gateway => {
-            anyhow::bail!("`tandem gateway` is not implemented yet; see the project's open issues")
+        Command::Gateway(args) => {
+            tandem::telemetry::init(args.log_format);
+            tokio::runtime::Runtime::new()?.block_on(tandem::gateway::run(args))
         }
     }
 }

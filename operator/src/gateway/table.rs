@@ -113,7 +113,11 @@ impl CompiledRoute {
 
     /// Whether the request's method and headers satisfy this route.
     pub fn accepts(&self, method: &http::Method, headers: &http::HeaderMap) -> bool {
-        (self.methods.is_empty() || self.methods.iter().any(|m| method_name(*m) == method.as_str()))
+        (self.methods.is_empty()
+            || self
+                .methods
+                .iter()
+                .any(|m| method_name(*m) == method.as_str()))
             && self.headers.iter().all(|(name, value)| {
                 headers
                     .get_all(name.as_str())
@@ -153,7 +157,9 @@ impl RoutingTable {
         let mut any_host = Vec::new();
         let mut by_host: BTreeMap<String, Vec<Arc<CompiledRoute>>> = BTreeMap::new();
         for app in apps {
-            let (Some(namespace), Some(name)) = (app.metadata.namespace.clone(), app.metadata.name.clone()) else {
+            let (Some(namespace), Some(name)) =
+                (app.metadata.namespace.clone(), app.metadata.name.clone())
+            else {
                 continue;
             };
             for workload in &app.spec.workloads {
@@ -181,7 +187,11 @@ impl RoutingTable {
                     (Some(exact), _) => PathMatch::Exact(exact.clone()),
                     (None, Some(prefix)) => {
                         let trimmed = prefix.trim_end_matches('/');
-                        PathMatch::Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() })
+                        PathMatch::Prefix(if trimmed.is_empty() {
+                            "/".into()
+                        } else {
+                            trimmed.into()
+                        })
                     }
                     (None, None) => PathMatch::Prefix("/".into()),
                 };
@@ -218,7 +228,10 @@ impl RoutingTable {
                 });
                 if host_specific {
                     for host in &app.spec.hosts {
-                        by_host.entry(host.to_ascii_lowercase()).or_default().push(compiled.clone());
+                        by_host
+                            .entry(host.to_ascii_lowercase())
+                            .or_default()
+                            .push(compiled.clone());
                     }
                 } else {
                     any_host.push(compiled);
@@ -279,7 +292,11 @@ impl RoutingTable {
 /// IPv6 literals are left as they are: no route names one.
 pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     let name = match host.rsplit_once(':') {
-        Some((name, port)) if !host.starts_with('[') && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some((name, port))
+            if !host.starts_with('[') && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            name
+        }
         _ => host,
     };
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -313,10 +330,19 @@ mod tests {
         app
     }
 
-    fn route<'a>(table: &'a RoutingTable, host: Option<&str>, path: &str, method: &str, headers: &[(&str, &str)]) -> Option<&'a str> {
+    fn route<'a>(
+        table: &'a RoutingTable,
+        host: Option<&str>,
+        path: &str,
+        method: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<&'a str> {
         let mut map = http::HeaderMap::new();
         for (k, v) in headers {
-            map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         table
             .route(host, path, &method.parse().unwrap(), &map)
@@ -334,7 +360,10 @@ mod tests {
         ]);
         let other = json!([{"name": "other", "match": {"pathPrefix": "/api"}, "backends": [{"workload": "a"}]}]);
         RoutingTable::build(
-            &[app("ns", "shop", &["shop.example.com"], routes), app("ns", "any", &[], other)],
+            &[
+                app("ns", "shop", &["shop.example.com"], routes),
+                app("ns", "any", &[], other),
+            ],
             &HashMap::new(),
         )
     }
@@ -347,7 +376,11 @@ mod tests {
         assert_eq!(route(&t, host, "/api/login/x", "GET", &[]), Some("api"));
         assert_eq!(route(&t, host, "/api/v2/items", "GET", &[]), Some("api-v2"));
         assert_eq!(route(&t, host, "/api/v2", "GET", &[]), Some("api-v2"));
-        assert_eq!(route(&t, host, "/api", "GET", &[]), Some("api"), "a trailing / in a prefix is not required");
+        assert_eq!(
+            route(&t, host, "/api", "GET", &[]),
+            Some("api"),
+            "a trailing / in a prefix is not required"
+        );
         assert_eq!(route(&t, host, "/", "GET", &[]), Some("root"));
     }
 
@@ -364,42 +397,96 @@ mod tests {
         let t = shop();
         let host = Some("shop.example.com");
         assert_eq!(route(&t, host, "/api/x", "POST", &[]), Some("upload"));
-        assert_eq!(route(&t, host, "/api/x", "GET", &[("x-beta", "on")]), Some("beta"));
-        assert_eq!(route(&t, host, "/api/x", "GET", &[("x-beta", "off")]), Some("api"));
-        assert_eq!(route(&t, host, "/api/x", "POST", &[("x-beta", "on")]), Some("beta"), "more header conditions first");
+        assert_eq!(
+            route(&t, host, "/api/x", "GET", &[("x-beta", "on")]),
+            Some("beta")
+        );
+        assert_eq!(
+            route(&t, host, "/api/x", "GET", &[("x-beta", "off")]),
+            Some("api")
+        );
+        assert_eq!(
+            route(&t, host, "/api/x", "POST", &[("x-beta", "on")]),
+            Some("beta"),
+            "more header conditions first"
+        );
     }
 
     #[test]
     fn hosts_match_exactly_and_apps_without_hosts_take_the_rest() {
         let t = shop();
-        assert_eq!(route(&t, Some("SHOP.example.com:8080"), "/api/login", "GET", &[]), Some("login"));
-        assert_eq!(route(&t, Some("other.example.com"), "/api/login", "GET", &[]), Some("other"));
+        assert_eq!(
+            route(&t, Some("SHOP.example.com:8080"), "/api/login", "GET", &[]),
+            Some("login")
+        );
+        assert_eq!(
+            route(&t, Some("other.example.com"), "/api/login", "GET", &[]),
+            Some("other")
+        );
         assert_eq!(route(&t, None, "/api", "GET", &[]), Some("other"));
-        assert_eq!(route(&t, Some("other.example.com"), "/nothing", "GET", &[]), None, "no match: 404");
+        assert_eq!(
+            route(&t, Some("other.example.com"), "/nothing", "GET", &[]),
+            None,
+            "no match: 404"
+        );
         assert_eq!(t.route_count(), 7);
     }
 
     #[test]
     fn workloads_carry_mode_timeout_and_sorted_endpoints() {
-        let key = WorkloadKey { namespace: "ns".into(), app: "shop".into(), workload: "b".into() };
-        let endpoints = HashMap::from([(key.clone(), vec!["10.0.0.2:80".parse().unwrap(), "10.0.0.1:80".parse().unwrap()])]);
-        let t = RoutingTable::build(&[app("ns", "shop", &[], json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "b"}]}]))], &endpoints);
+        let key = WorkloadKey {
+            namespace: "ns".into(),
+            app: "shop".into(),
+            workload: "b".into(),
+        };
+        let endpoints = HashMap::from([(
+            key.clone(),
+            vec![
+                "10.0.0.2:80".parse().unwrap(),
+                "10.0.0.1:80".parse().unwrap(),
+            ],
+        )]);
+        let t = RoutingTable::build(
+            &[app(
+                "ns",
+                "shop",
+                &[],
+                json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "b"}]}]),
+            )],
+            &endpoints,
+        );
         let target = t.workload(&key).unwrap();
         assert_eq!(target.mode, Mode::Function);
         assert_eq!(target.request_timeout, Duration::from_secs(30));
-        assert_eq!(target.endpoints, ["10.0.0.1:80".parse().unwrap(), "10.0.0.2:80".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            target.endpoints,
+            [
+                "10.0.0.1:80".parse().unwrap(),
+                "10.0.0.2:80".parse::<SocketAddr>().unwrap()
+            ]
+        );
     }
 
     const SEGMENTS: &[&str] = &["a", "ab", "b", "api", "v1"];
 
     fn arb_path() -> impl Strategy<Value = String> {
-        prop::collection::vec(prop::sample::select(SEGMENTS), 0..4).prop_map(|s| format!("/{}", s.join("/")))
+        prop::collection::vec(prop::sample::select(SEGMENTS), 0..4)
+            .prop_map(|s| format!("/{}", s.join("/")))
     }
 
     fn arb_route() -> impl Strategy<Value = serde_json::Value> {
-        (arb_path(), any::<bool>(), prop::option::of(prop::sample::select(vec!["GET", "POST"])), any::<bool>()).prop_map(
-            |(path, exact, method, header)| {
-                let mut m = if exact { json!({"path": path}) } else { json!({"pathPrefix": path}) };
+        (
+            arb_path(),
+            any::<bool>(),
+            prop::option::of(prop::sample::select(vec!["GET", "POST"])),
+            any::<bool>(),
+        )
+            .prop_map(|(path, exact, method, header)| {
+                let mut m = if exact {
+                    json!({"path": path})
+                } else {
+                    json!({"pathPrefix": path})
+                };
                 if let Some(method) = method {
                     m["methods"] = json!([method]);
                 }
@@ -407,8 +494,7 @@ mod tests {
                     m["headers"] = json!([{"name": "x-h", "value": "1"}]);
                 }
                 m
-            },
-        )
+            })
     }
 
     proptest! {

@@ -2,5 +2,6 @@
 //! One test binary (modules below) links faster than many.
 
 mod api;
+mod gateway;
 mod operator;
 mod support;

@@ -1,0 +1,205 @@
+//! `tandem gateway`: the data plane. Routes requests by host and path,
+//! splits them by weight, balances across ready endpoints, and holds requests
+//! for a Function with no ready endpoint while it starts.
+
+pub mod balance;
+pub mod demand;
+pub mod metrics;
+pub mod proxy;
+pub mod source;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::operator::{parse_duration, shutdown_signal};
+use crate::telemetry::LogFormat;
+use table::RoutingTable;
+
+/// Flags of `tandem gateway`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Address that serves HTTP/1.1 and HTTP/2 (cleartext) traffic.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "TANDEM_ADMIN_ADDRESS", default_value = "0.0.0.0:9091")]
+    pub admin_address: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+
+    /// Only serve HybridApps of these namespaces (default: all).
+    #[arg(long = "namespace", env = "TANDEM_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Read apps and endpoints from this YAML file (reloaded when it
+    /// changes) instead of the Kubernetes API.
+    #[arg(long, env = "TANDEM_STATIC_CONFIG")]
+    pub static_config: Option<PathBuf>,
+
+    /// Autoscaler endpoints of the operator that receive demand and stats
+    /// (`http://host:port`).
+    #[arg(
+        long = "operator-url",
+        env = "TANDEM_OPERATOR_URLS",
+        value_delimiter = ','
+    )]
+    pub operator_urls: Vec<String>,
+
+    /// This replica's name in demand and stats messages (default: POD_NAME).
+    #[arg(long, env = "TANDEM_GATEWAY_ID")]
+    pub id: Option<String>,
+
+    /// Most requests held per cold workload; more get 503 with Retry-After.
+    #[arg(long, env = "TANDEM_MAX_HELD_REQUESTS", default_value_t = 1000)]
+    pub max_held_requests: usize,
+
+    /// Largest request body a held request may carry (bytes); larger: 413.
+    #[arg(long, env = "TANDEM_MAX_HELD_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_held_body_bytes: usize,
+
+    /// Largest request body forwarded (bytes); larger: 413.
+    #[arg(long, env = "TANDEM_MAX_BODY_BYTES", default_value_t = 64 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Largest request head (request line and headers, bytes); larger: 431.
+    #[arg(long, env = "TANDEM_MAX_HEADER_BYTES", default_value_t = 64 << 10)]
+    pub max_header_bytes: usize,
+
+    /// Most request headers; more: 431.
+    #[arg(long, env = "TANDEM_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
+
+    /// A client must send its whole request head within this time.
+    #[arg(long, env = "TANDEM_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Connecting to an upstream endpoint must succeed within this time.
+    #[arg(long, env = "TANDEM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM, in-flight requests get this long to finish.
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Runs the gateway until SIGTERM or SIGINT, then drains.
+pub async fn run(args: GatewayArgs) -> Result<()> {
+    let mut registry = Registry::default();
+    let metrics = metrics::GatewayMetrics::register(&mut registry);
+    let admin_state = AdminState::new(registry);
+    let admin_listener = admin::bind(args.admin_address)
+        .await
+        .with_context(|| format!("bind the admin address {}", args.admin_address))?;
+    tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
+
+    let (tables_tx, tables) = watch::channel(Arc::new(RoutingTable::default()));
+    let ready = admin_state.clone();
+    let on_ready = move || ready.set_ready(true, "routing table built");
+    match args.static_config.clone() {
+        Some(path) => {
+            tokio::spawn(source::run_static(path, tables_tx, on_ready));
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connect to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+            tokio::spawn(source::run_kubernetes(
+                client,
+                args.namespaces.clone(),
+                tables_tx,
+                on_ready,
+            ));
+        }
+    }
+
+    let id = args
+        .id
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .unwrap_or_else(|| format!("gateway-{}", std::process::id()));
+    let gateway = Arc::new(proxy::Gateway::new(&args, tables, metrics, id));
+    tokio::spawn(demand::run(gateway.clone(), args.operator_urls.clone()));
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    tracing::info!(address = %listener.local_addr()?, admin = %args.admin_address, "gateway listening");
+    serve(listener, gateway, &args, shutdown_signal()).await;
+    admin_state.set_ready(false, "shutting down");
+    Ok(())
+}
+
+/// Accepts connections until `shutdown`, then lets in-flight requests
+/// finish within the grace period and closes idle connections.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<proxy::Gateway>,
+    args: &GatewayArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(args.header_read_timeout)
+        .max_buf_size(args.max_header_bytes.max(8192))
+        .max_headers(args.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(args.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    tracing::info!(grace = ?args.shutdown_grace, "draining in-flight requests");
+    if tokio::time::timeout(args.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the remaining connections");
+    }
+}

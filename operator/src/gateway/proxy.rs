@@ -1,0 +1,664 @@
+//! Forwarding one request: route, pick, hold if cold, forward, answer.
+//!
+//! Every error says where it came from (the client, the upstream, or the
+//! gateway itself) in the `x-tandem-error` header and the body, and maps to a
+//! precise status: 404 no route, 413 body too large, 431 head too large
+//! (answered by hyper), 502 upstream failed, 503 with Retry-After when no
+//! endpoint can take the request, 504 when the deadline passes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{Notify, watch};
+
+use super::GatewayArgs;
+use super::balance::{EndpointLoads, pick_weighted};
+use super::metrics::GatewayMetrics;
+use super::table::{RoutingTable, WorkloadKey, WorkloadTarget};
+use crate::api::Mode;
+
+/// Error type of bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Body of requests and responses passing through.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Where an error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The client sent something we cannot serve.
+    Client,
+    /// The upstream endpoint failed or was too slow.
+    Upstream,
+    /// The gateway cannot serve it now (no route, no capacity).
+    Gateway,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Client => "client",
+            Origin::Upstream => "upstream",
+            Origin::Gateway => "gateway",
+        }
+    }
+}
+
+/// Per-workload counters reported to the autoscaler.
+#[derive(Default)]
+pub struct WorkloadLoad {
+    /// Requests being served by endpoints now.
+    pub in_flight: AtomicU64,
+    /// Requests held waiting for an endpoint now.
+    pub held: AtomicU64,
+    /// Requests started since the last stats report.
+    pub requests: AtomicU64,
+}
+
+/// Shared state of the gateway.
+pub struct Gateway {
+    tables: watch::Receiver<Arc<RoutingTable>>,
+    loads: EndpointLoads,
+    client: Client<HttpConnector, Body>,
+    workloads: RwLock<HashMap<WorkloadKey, Arc<WorkloadLoad>>>,
+    /// Wakes the demand sender when a workload gets its first held request.
+    pub demand: Notify,
+    metrics: GatewayMetrics,
+    max_held_requests: u64,
+    max_held_body_bytes: usize,
+    max_body_bytes: usize,
+    /// This replica's name in protocol messages.
+    pub id: String,
+}
+
+struct Failure {
+    status: StatusCode,
+    origin: Origin,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl Failure {
+    fn new(status: StatusCode, origin: Origin, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            origin,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    fn response(self) -> Response<Body> {
+        let mut response = Response::builder()
+            .status(self.status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header("x-tandem-error", self.origin.as_str());
+        if let Some(seconds) = self.retry_after {
+            response = response.header(header::RETRY_AFTER, seconds);
+        }
+        response
+            .body(full(format!("{}\n", self.message)))
+            .expect("valid response")
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+];
+
+impl Gateway {
+    /// The gateway for `tables`, with limits from `args`.
+    pub fn new(
+        args: &GatewayArgs,
+        tables: watch::Receiver<Arc<RoutingTable>>,
+        metrics: GatewayMetrics,
+        id: String,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(args.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Self {
+            tables,
+            loads: EndpointLoads::default(),
+            client,
+            workloads: RwLock::new(HashMap::new()),
+            demand: Notify::new(),
+            metrics,
+            max_held_requests: args.max_held_requests as u64,
+            max_held_body_bytes: args.max_held_body_bytes,
+            max_body_bytes: args.max_body_bytes,
+            id,
+        }
+    }
+
+    /// Counters of one workload.
+    pub fn load_of(&self, key: &WorkloadKey) -> Arc<WorkloadLoad> {
+        if let Some(load) = self.workloads.read().expect("workloads lock").get(key) {
+            return load.clone();
+        }
+        self.workloads
+            .write()
+            .expect("workloads lock")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Every workload's counters.
+    pub fn loads(&self) -> Vec<(WorkloadKey, Arc<WorkloadLoad>)> {
+        self.workloads
+            .read()
+            .expect("workloads lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Serves one request; never fails (errors become responses).
+    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let table = self.tables.borrow().clone();
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| request.uri().authority().map(|a| a.as_str().to_string()));
+        let Some(route) = table
+            .route(
+                host.as_deref(),
+                request.uri().path(),
+                request.method(),
+                request.headers(),
+            )
+            .cloned()
+        else {
+            self.metrics.request_without_route();
+            return Failure::new(
+                StatusCode::NOT_FOUND,
+                Origin::Client,
+                format!(
+                    "no route for host {} and path {}",
+                    host.as_deref().unwrap_or("(none)"),
+                    request.uri().path()
+                ),
+            )
+            .response();
+        };
+        let Some(key) =
+            pick_weighted(&route.backends, fastrand::u32(0..route.total_weight.max(1))).cloned()
+        else {
+            return Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Origin::Gateway,
+                "the route has no backend with a weight above 0",
+            )
+            .retry_after(1)
+            .response();
+        };
+        let Some(target) = table.workload(&key).cloned() else {
+            return Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Origin::Gateway,
+                format!("workload {key} is not known yet"),
+            )
+            .retry_after(1)
+            .response();
+        };
+        drop(table);
+        let response = match self.serve(request, peer, &target, started).await {
+            Ok(response) => response,
+            Err(failure) => failure.response(),
+        };
+        self.metrics
+            .observe(&route.name, &key, response.status(), started.elapsed());
+        response
+    }
+
+    async fn serve(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        target: &Arc<WorkloadTarget>,
+        started: Instant,
+    ) -> Result<Response<Body>, Failure> {
+        let deadline = started + target.request_timeout;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Origin::Client,
+                format!("request body is larger than {} bytes", self.max_body_bytes),
+            ));
+        }
+        let load = self.load_of(&target.key);
+        load.requests.fetch_add(1, Ordering::Relaxed);
+
+        let mut target = target.clone();
+        let (parts, body) = request.into_parts();
+        let body: Forward = if target.endpoints.is_empty() {
+            if target.mode != Mode::Function {
+                return Err(Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Origin::Gateway,
+                    format!("always-on workload {} has no ready endpoint", target.key),
+                )
+                .retry_after(1));
+            }
+            // Cold path: hold the request (bounded), buffer its body (capped),
+            // tell the autoscaler, and wait for an endpoint.
+            let held = Held::enter(&load, self.max_held_requests).ok_or_else(|| {
+                Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Origin::Gateway,
+                    format!("too many requests waiting for {} to start", target.key),
+                )
+                .retry_after(1)
+            })?;
+            if held.first {
+                self.metrics.cold_start(&target.key);
+            }
+            self.demand.notify_one();
+            self.metrics
+                .held(&target.key, load.held.load(Ordering::Relaxed));
+            let bytes = if declared.is_some_and(|n| n > self.max_held_body_bytes as u64) {
+                None
+            } else {
+                Limited::new(body, self.max_held_body_bytes)
+                    .collect()
+                    .await
+                    .ok()
+                    .map(|c| c.to_bytes())
+            };
+            let Some(bytes) = bytes else {
+                return Err(Failure::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Origin::Client,
+                    format!(
+                        "{} is starting and a request held meanwhile may carry at most {} bytes",
+                        target.key, self.max_held_body_bytes
+                    ),
+                ));
+            };
+            let waited = Instant::now();
+            target = self
+                .wait_for_endpoint(&target.key, deadline)
+                .await
+                .ok_or_else(|| {
+                    Failure::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Origin::Upstream,
+                        format!(
+                            "{} did not become ready within {:?}",
+                            target.key, target.request_timeout
+                        ),
+                    )
+                })?;
+            drop(held);
+            self.metrics
+                .held(&target.key, load.held.load(Ordering::Relaxed));
+            self.metrics.cold_wait(&target.key, waited.elapsed());
+            Forward::Buffered(bytes)
+        } else {
+            Forward::Streaming(body)
+        };
+        self.forward(parts, body, peer, &target, &load, deadline)
+            .await
+    }
+
+    /// Waits until the table lists a ready endpoint for `key`, or `deadline`.
+    async fn wait_for_endpoint(
+        &self,
+        key: &WorkloadKey,
+        deadline: Instant,
+    ) -> Option<Arc<WorkloadTarget>> {
+        let mut tables = self.tables.clone();
+        let wait = async {
+            loop {
+                let ready = tables
+                    .borrow_and_update()
+                    .workload(key)
+                    .filter(|t| !t.endpoints.is_empty())
+                    .cloned();
+                if ready.is_some() {
+                    return ready;
+                }
+                if tables.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline.into(), wait)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn forward(
+        &self,
+        mut parts: http::request::Parts,
+        body: Forward,
+        peer: SocketAddr,
+        target: &WorkloadTarget,
+        load: &WorkloadLoad,
+        deadline: Instant,
+    ) -> Result<Response<Body>, Failure> {
+        let upgrade = parts.headers.get(header::UPGRADE).cloned();
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+        prepare_headers(&mut parts.headers, peer, upgrade.as_ref());
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        parts.version = http::Version::HTTP_11;
+
+        // Only a request that never reached an endpoint (connect failed) is
+        // tried again, on another endpoint, and only if its body can be
+        // replayed: buffered or empty. A streamed body is never retried.
+        let body = match body {
+            Forward::Streaming(incoming) if hyper::body::Body::is_end_stream(&incoming) => {
+                Forward::Buffered(Bytes::new())
+            }
+            other => other,
+        };
+        let mut body = Some(body);
+        let mut tried = Vec::new();
+        loop {
+            let candidates: Vec<SocketAddr> = target
+                .endpoints
+                .iter()
+                .copied()
+                .filter(|e| !tried.contains(e))
+                .collect();
+            let Some((endpoint, in_flight)) = self
+                .loads
+                .pick(&candidates, (fastrand::usize(..), fastrand::usize(..)))
+            else {
+                return Err(Failure::new(
+                    StatusCode::BAD_GATEWAY,
+                    Origin::Upstream,
+                    format!("no endpoint of {} accepted a connection", target.key),
+                ));
+            };
+            tried.push(endpoint);
+            let uri: Uri = format!("http://{endpoint}{path}").parse().map_err(|_| {
+                Failure::new(
+                    StatusCode::BAD_REQUEST,
+                    Origin::Client,
+                    "request target cannot be forwarded",
+                )
+            })?;
+            let request_body = match body.take().expect("body present") {
+                Forward::Buffered(bytes) => {
+                    body = Some(Forward::Buffered(bytes.clone()));
+                    full(bytes)
+                }
+                Forward::Streaming(incoming) => Limited::new(incoming, self.max_body_bytes)
+                    .map_err(BoxError::from)
+                    .boxed(),
+            };
+            let mut upstream = Request::from_parts(clone_parts(&parts, uri), request_body);
+            *upstream.version_mut() = http::Version::HTTP_11;
+            load.in_flight.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .in_flight(&target.key, load.in_flight.load(Ordering::Relaxed));
+            let result =
+                tokio::time::timeout_at(deadline.into(), self.client.request(upstream)).await;
+            load.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.metrics
+                .in_flight(&target.key, load.in_flight.load(Ordering::Relaxed));
+            let response = match result {
+                Err(_) => {
+                    return Err(Failure::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        Origin::Upstream,
+                        format!(
+                            "{} did not answer within {:?}",
+                            target.key, target.request_timeout
+                        ),
+                    ));
+                }
+                Ok(Err(error)) if error.is_connect() && body.is_some() => {
+                    tracing::debug!(%endpoint, %error, "connect failed; trying another endpoint");
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    let limit = std::error::Error::source(&error)
+                        .and_then(|s| s.downcast_ref::<http_body_util::LengthLimitError>())
+                        .is_some();
+                    if limit {
+                        return Err(Failure::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            Origin::Client,
+                            format!("request body is larger than {} bytes", self.max_body_bytes),
+                        ));
+                    }
+                    return Err(Failure::new(
+                        StatusCode::BAD_GATEWAY,
+                        Origin::Upstream,
+                        format!("{endpoint}: {error}"),
+                    ));
+                }
+                Ok(Ok(response)) => response,
+            };
+            return Ok(self.answer(response, in_flight, client_upgrade));
+        }
+    }
+
+    fn answer(
+        &self,
+        mut response: Response<Incoming>,
+        in_flight: super::balance::InFlight,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                let _in_flight = in_flight;
+                if let (Ok(client), Ok(upstream)) = (client_upgrade.await, upstream_upgrade.await) {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+            let (parts, _) = response.into_parts();
+            return Response::from_parts(parts, full(Bytes::new()));
+        }
+        let (mut parts, body) = response.into_parts();
+        for name in HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
+        // The endpoint's load lasts until the body is fully sent.
+        let body = body
+            .map_err(BoxError::from)
+            .map_frame(move |frame| {
+                let _keep = &in_flight;
+                frame
+            })
+            .boxed();
+        Response::from_parts(parts, body)
+    }
+}
+
+enum Forward {
+    Buffered(Bytes),
+    Streaming(Incoming),
+}
+
+/// Tracks one held request; the first of a burst is a cold start.
+struct Held<'a> {
+    load: &'a WorkloadLoad,
+    first: bool,
+}
+
+impl<'a> Held<'a> {
+    fn enter(load: &'a WorkloadLoad, capacity: u64) -> Option<Self> {
+        let mut current = load.held.load(Ordering::Relaxed);
+        loop {
+            if current >= capacity {
+                return None;
+            }
+            match load.held.compare_exchange(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(Self {
+                        load,
+                        first: current == 0,
+                    });
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.load.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn clone_parts(parts: &http::request::Parts, uri: Uri) -> http::request::Parts {
+    let (mut copy, _) = Request::new(()).into_parts();
+    copy.method = parts.method.clone();
+    copy.uri = uri;
+    copy.version = http::Version::HTTP_11;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+/// Removes hop-by-hop headers (keeping an upgrade), and adds the forwarding
+/// headers and a request id.
+pub fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, upgrade: Option<&HeaderValue>) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade.clone());
+    }
+    let client_ip = peer.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-request-id") {
+        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            headers.insert("x-request-id", value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_headers_are_added_and_hop_by_hop_ones_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        headers.insert("x-secret", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        headers.insert("x-request-id", "abc".parse().unwrap());
+        prepare_headers(&mut headers, "127.0.0.7:5000".parse().unwrap(), None);
+        assert!(!headers.contains_key("x-secret"), "named in Connection");
+        assert!(!headers.contains_key("keep-alive"));
+        assert!(!headers.contains_key(header::CONNECTION));
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.7");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-request-id"], "abc", "an existing id is kept");
+
+        let mut fresh = HeaderMap::new();
+        prepare_headers(
+            &mut fresh,
+            "127.0.0.1:1".parse().unwrap(),
+            Some(&"websocket".parse().unwrap()),
+        );
+        assert_eq!(fresh["x-request-id"].len(), 32);
+        assert_eq!(fresh[header::UPGRADE], "websocket");
+        assert_eq!(fresh[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn held_requests_are_bounded_and_the_first_is_a_cold_start() {
+        let load = WorkloadLoad::default();
+        let first = Held::enter(&load, 2).unwrap();
+        let second = Held::enter(&load, 2).unwrap();
+        assert!(first.first && !second.first);
+        assert!(Held::enter(&load, 2).is_none(), "capacity 2");
+        drop(first);
+        assert!(Held::enter(&load, 2).is_some());
+    }
+}

@@ -1,0 +1,269 @@
+//! Where the routing table comes from: the Kubernetes API (HybridApps and
+//! the EndpointSlices of Tandem's Services), or a static file (tests,
+//! benchmarks, running without a cluster).
+//!
+//! Either source publishes whole tables on a `watch` channel: readers see
+//! the old table or the new one, never a mix. If the API server goes away the
+//! watchers retry with backoff and the last table keeps serving.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde::Deserialize;
+use tokio::sync::{Notify, watch};
+
+use super::table::{RoutingTable, WorkloadKey};
+use crate::api::{HybridApp, labels};
+
+/// Ready endpoints of one workload, as written in a static config.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StaticEndpoints {
+    /// Namespace of the app.
+    pub namespace: String,
+    /// App name.
+    pub app: String,
+    /// Workload name.
+    pub workload: String,
+    /// `ip:port` of each ready endpoint.
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// A static configuration file: apps and their endpoints.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct StaticConfig {
+    /// HybridApps (with `metadata.namespace`).
+    #[serde(default)]
+    pub apps: Vec<HybridApp>,
+    /// Ready endpoints per workload.
+    #[serde(default)]
+    pub endpoints: Vec<StaticEndpoints>,
+}
+
+impl StaticConfig {
+    /// Builds the table this file describes.
+    pub fn table(&self) -> RoutingTable {
+        let endpoints: HashMap<WorkloadKey, Vec<SocketAddr>> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    WorkloadKey {
+                        namespace: e.namespace.clone(),
+                        app: e.app.clone(),
+                        workload: e.workload.clone(),
+                    },
+                    e.addresses.clone(),
+                )
+            })
+            .collect();
+        RoutingTable::build(&self.apps, &endpoints)
+    }
+}
+
+/// Reloads `path` whenever it changes (checked every 100 ms) and publishes
+/// the table. A file that does not parse is logged and the previous table
+/// stays. Calls `on_loaded` after the first successful load.
+pub async fn run_static(
+    path: PathBuf,
+    tables: watch::Sender<Arc<RoutingTable>>,
+    on_loaded: impl FnOnce() + Send,
+) {
+    let mut on_loaded = Some(on_loaded);
+    let mut last_seen = None;
+    loop {
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != last_seen {
+            last_seen = modified;
+            match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    serde_yaml::from_str::<StaticConfig>(&text).map_err(|e| e.to_string())
+                }) {
+                Ok(config) => {
+                    tables.send_replace(Arc::new(config.table()));
+                    tracing::info!(file = %path.display(), apps = config.apps.len(), "routing table loaded");
+                    if let Some(done) = on_loaded.take() {
+                        done();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(file = %path.display(), %error, "static config not loaded; keeping the previous table")
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Watches HybridApps and EndpointSlices (in `namespaces`, or all when
+/// empty) and publishes a new table after every change. Calls `on_synced`
+/// once both have been listed.
+pub async fn run_kubernetes(
+    client: kube::Client,
+    namespaces: Vec<String>,
+    tables: watch::Sender<Arc<RoutingTable>>,
+    on_synced: impl FnOnce() + Send,
+) {
+    let changed = Arc::new(Notify::new());
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let mut app_stores = Vec::new();
+    let mut slice_stores = Vec::new();
+    for scope in scopes {
+        app_stores.push(spawn_cache::<HybridApp>(
+            &client,
+            scope.as_deref(),
+            watcher::Config::default(),
+            changed.clone(),
+        ));
+        let managed = watcher::Config::default().labels(&labels::managed_selector());
+        slice_stores.push(spawn_cache::<EndpointSlice>(
+            &client,
+            scope.as_deref(),
+            managed,
+            changed.clone(),
+        ));
+    }
+    // Wait until every cache has listed (polling: see the controller).
+    loop {
+        let mut all = true;
+        for store in &app_stores {
+            all &= listed(store).await;
+        }
+        for store in &slice_stores {
+            all &= listed(store).await;
+        }
+        if all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut on_synced = Some(on_synced);
+    loop {
+        let apps: Vec<HybridApp> = app_stores
+            .iter()
+            .flat_map(|s| s.state())
+            .map(|a| (*a).clone())
+            .collect();
+        let slices: Vec<Arc<EndpointSlice>> = slice_stores.iter().flat_map(|s| s.state()).collect();
+        tables.send_replace(Arc::new(RoutingTable::build(
+            &apps,
+            &ready_endpoints(&slices),
+        )));
+        if let Some(done) = on_synced.take() {
+            tracing::info!(apps = apps.len(), "watches synced; routing table built");
+            done();
+        }
+        // Events that arrive while building coalesce into one more rebuild.
+        changed.notified().await;
+    }
+}
+
+async fn listed<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    matches!(
+        tokio::time::timeout(Duration::ZERO, store.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
+fn spawn_cache<K>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let (store, writer) = reflector::store();
+    let events = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                // A bad object or a broken connection never stops the watch.
+                Err(error) => tracing::warn!(%error, kind = %K::kind(&()), "watch error; retrying"),
+            }
+        }
+    });
+    store
+}
+
+/// Ready endpoints per workload from EndpointSlices labelled by Tandem.
+pub fn ready_endpoints(slices: &[Arc<EndpointSlice>]) -> HashMap<WorkloadKey, Vec<SocketAddr>> {
+    let mut endpoints: HashMap<WorkloadKey, Vec<SocketAddr>> = HashMap::new();
+    for slice in slices {
+        let labels = slice.metadata.labels.clone().unwrap_or_default();
+        let (Some(app), Some(workload), Some(namespace)) = (
+            labels.get(labels::APP),
+            labels.get(labels::WORKLOAD),
+            slice.metadata.namespace.clone(),
+        ) else {
+            continue;
+        };
+        let port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("http"))
+            .and_then(|p| p.port);
+        let Some(port) = port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        let key = WorkloadKey {
+            namespace,
+            app: app.clone(),
+            workload: workload.clone(),
+        };
+        let entry = endpoints.entry(key).or_default();
+        for endpoint in slice.endpoints.iter().flatten() {
+            // Unknown readiness counts as ready, as the API documents.
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            let terminating = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.terminating)
+                .unwrap_or(false);
+            if !ready || terminating {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                if let Ok(ip) = address.parse::<std::net::IpAddr>() {
+                    entry.push(SocketAddr::new(ip, port));
+                }
+            }
+        }
+    }
+    endpoints
+}

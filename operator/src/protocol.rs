@@ -1,0 +1,100 @@
+//! The demand and stats protocol between gateways and the operator's
+//! autoscaler: the one piece of code, besides the API types, that the data
+//! plane and the control plane share.
+//!
+//! Both messages are small JSON bodies sent by each gateway replica over plain
+//! HTTP to every ready operator endpoint (`POST /v1/demand`, `POST /v1/stats`).
+//!
+//! - **Demand** is sent the moment a request is held for a workload with no
+//!   ready endpoint, and repeated every [`DEMAND_REPEAT`] while requests stay
+//!   held, so an operator that restarts (or a new leader) learns of the demand
+//!   within that interval. It carries the number of held requests.
+//! - **Stats** are sent every [`STATS_INTERVAL`]: per workload, requests in
+//!   flight and held, and requests started since the last report. A receiver
+//!   treats a gateway whose stats are older than a few intervals as gone.
+//!
+//! Messages are idempotent snapshots (no deltas except `requests`), so a lost
+//! or duplicated message never corrupts the receiver's view.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How often a gateway repeats demand while requests are held.
+pub const DEMAND_REPEAT: Duration = Duration::from_millis(500);
+/// How often a gateway reports stats.
+pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Path of demand messages.
+pub const DEMAND_PATH: &str = "/v1/demand";
+/// Path of stats messages.
+pub const STATS_PATH: &str = "/v1/stats";
+
+/// Names one workload.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkloadRef {
+    /// Namespace of the HybridApp.
+    pub namespace: String,
+    /// HybridApp name.
+    pub app: String,
+    /// Workload name.
+    pub workload: String,
+}
+
+/// "Requests are waiting for this workload, which has no ready endpoint."
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Demand {
+    /// The reporting gateway replica (its pod name).
+    pub gateway: String,
+    /// The cold workload.
+    pub workload: WorkloadRef,
+    /// Requests held for it right now on this gateway.
+    pub held: u64,
+}
+
+/// Load of one workload as seen by one gateway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadStats {
+    /// Which workload.
+    pub workload: WorkloadRef,
+    /// Requests being served by its endpoints now.
+    pub in_flight: u64,
+    /// Requests held waiting for an endpoint now.
+    pub held: u64,
+    /// Requests started since the previous report.
+    pub requests: u64,
+}
+
+/// A gateway's periodic report.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// The reporting gateway replica.
+    pub gateway: String,
+    /// Milliseconds covered by `requests`.
+    pub interval_ms: u64,
+    /// Every workload with traffic or held requests.
+    pub workloads: Vec<WorkloadStats>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_have_a_stable_json_shape() {
+        let demand = Demand {
+            gateway: "gw-1".into(),
+            workload: WorkloadRef {
+                namespace: "shop".into(),
+                app: "web".into(),
+                workload: "thumbs".into(),
+            },
+            held: 3,
+        };
+        let json = serde_json::to_value(&demand).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"gateway": "gw-1", "workload": {"namespace": "shop", "app": "web", "workload": "thumbs"}, "held": 3})
+        );
+        assert_eq!(serde_json::from_value::<Demand>(json).unwrap(), demand);
+    }
+}

@@ -1,0 +1,689 @@
+//! The gateway as a real process in front of real echo backends: on loopback
+//! with a static routing file the test rewrites, and on the pod network with
+//! routes from a HybridApp on the testenv API server.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use testenv::process::{ChildProcess, ProcessSpec, spawn};
+use testenv::{environment, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn work_dir(name: &str) -> PathBuf {
+    let dir = environment()
+        .control_plane
+        .dir
+        .join("gateway-tests")
+        .join(format!("{name}-{}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// An echo backend process on loopback.
+struct Echo {
+    process: ChildProcess,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Echo {
+    async fn start(dir: &std::path::Path, name: &str, startup_delay_ms: u64) -> Echo {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let log = dir.join(format!("{name}.log"));
+        let process = spawn(ProcessSpec {
+            program: testenv::harness::echo_program()
+                .unwrap()
+                .display()
+                .to_string(),
+            args: vec!["echo".into()],
+            env: vec![
+                ("ECHO_LISTEN".into(), addr.to_string()),
+                ("POD_NAME".into(), name.into()),
+                ("ECHO_STARTUP_DELAY_MS".into(), startup_delay_ms.to_string()),
+            ],
+            log: log.clone(),
+            netns: None,
+        })
+        .unwrap();
+        let echo = Echo { process, addr, log };
+        if startup_delay_ms == 0 {
+            echo.wait_listening().await;
+        }
+        echo
+    }
+
+    async fn wait_listening(&self) {
+        wait_for(
+            "the echo backend to listen",
+            Duration::from_secs(20),
+            || async {
+                tokio::net::TcpStream::connect(self.addr)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
+    }
+
+    /// How many times a request with `id` reached this backend.
+    fn seen(&self, id: &str) -> usize {
+        let needle = format!("request id={id} ");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&needle))
+            .count()
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Records what gateways send to the autoscaler endpoint.
+#[derive(Clone, Default)]
+struct FakeAutoscaler {
+    received: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl FakeAutoscaler {
+    async fn start() -> (FakeAutoscaler, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let fake = FakeAutoscaler::default();
+        let received = fake.received.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let received = received.clone();
+                            async move {
+                                let path = request.uri().path().to_string();
+                                let body = request
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                                received.lock().unwrap().push((path, value));
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                    Bytes::from_static(b"ok"),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (fake, url)
+    }
+
+    fn messages(&self, path: &str) -> Vec<Value> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+/// A `tandem gateway` process with a static routing file.
+struct Gateway {
+    process: ChildProcess,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Gateway {
+    async fn start(dir: &std::path::Path, config: &Value, extra: &[String]) -> Gateway {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let config_path = dir.join("routes.yaml");
+        write_config(&config_path, config);
+        let log = dir.join("gateway.log");
+        let mut args = vec![
+            "gateway".to_string(),
+            format!("--listen={addr}"),
+            format!("--admin-address={admin}"),
+            format!("--static-config={}", config_path.display()),
+            "--id=gw-test".to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let process = spawn(ProcessSpec {
+            program: env!("CARGO_BIN_EXE_tandem").into(),
+            args,
+            env: vec![("RUST_LOG".into(), "info,tandem=debug".into())],
+            log: log.clone(),
+            netns: None,
+        })
+        .unwrap();
+        let gateway = Gateway {
+            process,
+            addr,
+            admin,
+            config: config_path,
+            log,
+        };
+        wait_for(
+            "the gateway to be ready",
+            Duration::from_secs(20),
+            || async {
+                assert!(
+                    gateway.process.is_running(),
+                    "gateway exited:\n{}",
+                    std::fs::read_to_string(&gateway.log).unwrap_or_default()
+                );
+                let answer = testenv::http_client::get(&format!("http://{}/readyz", gateway.admin))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if answer.status == 200 {
+                    Ok(())
+                } else {
+                    Err(answer.body)
+                }
+            },
+        )
+        .await;
+        gateway
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn update(&self, config: &Value) {
+        write_config(&self.config, config);
+    }
+
+    /// Waits until the gateway has loaded its routing file `n` times.
+    async fn wait_for_loads(&self, n: usize) {
+        wait_for(
+            "the gateway to load the new routes",
+            Duration::from_secs(10),
+            || async {
+                let loads = std::fs::read_to_string(&self.log)
+                    .unwrap_or_default()
+                    .matches("routing table loaded")
+                    .count();
+                if loads >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{loads} loads"))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn write_config(path: &std::path::Path, config: &Value) {
+    // Write then rename, so the gateway never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(config).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    // Make sure the modification time moves even within one clock tick.
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(std::time::SystemTime::now() + Duration::from_millis(fastrand::u64(1..1000)))
+        .unwrap();
+}
+
+fn workload(name: &str, mode: &str, timeout: &str) -> Value {
+    json!({"name": name, "mode": mode, "port": 8080, "requestTimeout": timeout,
+           "template": {"spec": {"containers": [{"name": "c", "image": "example/echo:1"}]}}})
+}
+
+/// A static config: one app `shop` in namespace `ns` with `workloads`,
+/// `routes`, and ready endpoints per workload.
+fn config(workloads: Vec<Value>, routes: Value, endpoints: &[(&str, Vec<SocketAddr>)]) -> Value {
+    json!({
+        "apps": [{"apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
+                  "metadata": {"name": "shop", "namespace": "ns"},
+                  "spec": {"workloads": workloads, "routes": routes}}],
+        "endpoints": endpoints.iter().map(|(w, addrs)| json!({"namespace": "ns", "app": "shop", "workload": w, "addresses": addrs})).collect::<Vec<_>>(),
+    })
+}
+
+fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http()
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+async fn send(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    request: http::Request<Full<Bytes>>,
+) -> Reply {
+    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
+        .await
+        .expect("answer within 60s")
+        .expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn get(url: &str) -> http::Request<Full<Bytes>> {
+    http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_by_weight_within_one_point_and_applies_a_new_weight_at_once() {
+    let dir = work_dir("split");
+    let (a, b) = (
+        Echo::start(&dir, "pod-a", 0).await,
+        Echo::start(&dir, "pod-b", 0).await,
+    );
+    let routes = |wa: u32, wb: u32| json!([{"name": "split", "match": {"pathPrefix": "/"}, "backends": [{"workload": "a", "weight": wa}, {"workload": "b", "weight": wb}]}]);
+    let workloads = || {
+        vec![
+            workload("a", "AlwaysOn", "30s"),
+            workload("b", "AlwaysOn", "30s"),
+        ]
+    };
+    let endpoints = [("a", vec![a.addr]), ("b", vec![b.addr])];
+    let gateway = Gateway::start(&dir, &config(workloads(), routes(80, 20), &endpoints), &[]).await;
+
+    let client = client();
+    let total = 20_000;
+    let counts: BTreeMap<String, usize> = futures::stream::iter(0..total)
+        .map(|_| {
+            let client = client.clone();
+            let url = gateway.url("/item");
+            async move { send(&client, get(&url)).await }
+        })
+        .buffer_unordered(16)
+        .fold(BTreeMap::new(), |mut counts, reply| async move {
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let pod = reply
+                .headers
+                .get("x-pod-name")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string();
+            *counts.entry(pod).or_insert(0) += 1;
+            counts
+        })
+        .await;
+    let share_a = counts.get("pod-a").copied().unwrap_or(0) as f64 * 100.0 / total as f64;
+    eprintln!("split over {total} requests: {counts:?} ({share_a:.2}% to a, weight 80%)");
+    assert!(
+        (share_a - 80.0).abs() < 1.0,
+        "a got {share_a:.2}%, expected 80% ± 1"
+    );
+
+    gateway.update(&config(workloads(), routes(0, 1), &endpoints));
+    gateway.wait_for_loads(2).await;
+    for _ in 0..200 {
+        let reply = send(&client, get(&gateway.url("/x"))).await;
+        assert_eq!(
+            reply.headers["x-pod-name"], "pod-b",
+            "weight 0 gets nothing"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_is_released_when_an_endpoint_is_ready_and_reaches_it_once() {
+    let dir = work_dir("held");
+    let (autoscaler, url) = FakeAutoscaler::start().await;
+    let routes =
+        json!([{"name": "fn", "match": {"pathPrefix": "/fn"}, "backends": [{"workload": "fn"}]}]);
+    let workloads = || vec![workload("fn", "Function", "30s")];
+    let gateway = Gateway::start(
+        &dir,
+        &config(workloads(), routes.clone(), &[]),
+        &[format!("--operator-url={url}")],
+    )
+    .await;
+
+    let client = client();
+    let request = http::Request::post(gateway.url("/fn/resize"))
+        .header("x-request-id", "held-1")
+        .header("x-echo-body", "1")
+        .body(Full::new(Bytes::from_static(b"picture bytes")))
+        .unwrap();
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { send(&client, request).await }
+    });
+    // The gateway tells the autoscaler at once.
+    let demand = wait_for("a demand message", Duration::from_secs(10), || async {
+        autoscaler
+            .messages("/v1/demand")
+            .into_iter()
+            .next()
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    assert_eq!(
+        demand["workload"],
+        json!({"namespace": "ns", "app": "shop", "workload": "fn"})
+    );
+    assert_eq!(demand["held"], 1);
+    assert!(!pending.is_finished(), "held while no endpoint is ready");
+
+    let backend = Echo::start(&dir, "fn-pod", 0).await;
+    gateway.update(&config(workloads(), routes, &[("fn", vec![backend.addr])]));
+    let reply = pending.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.body.contains("request-id=held-1"), "{}", reply.body);
+    assert!(
+        reply.body.ends_with("picture bytes"),
+        "the held body arrives whole: {}",
+        reply.body
+    );
+    assert_eq!(
+        backend.seen("held-1"),
+        1,
+        "reached the backend exactly once"
+    );
+    let metrics = testenv::http_client::get(&format!("http://{}/metrics", gateway.admin))
+        .await
+        .unwrap()
+        .body;
+    assert!(
+        metrics.contains(
+            "tandem_gateway_cold_starts_total{namespace=\"ns\",app=\"shop\",workload=\"fn\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_with_retry_after_and_a_deadline_504() {
+    let dir = work_dir("queue");
+    let routes =
+        json!([{"name": "fn", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(vec![workload("fn", "Function", "2s")], routes, &[]),
+        &["--max-held-requests=2".into()],
+    )
+    .await;
+    let client = client();
+    let started = Instant::now();
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let client = client.clone();
+            let url = gateway.url("/wait");
+            tokio::spawn(async move { send(&client, get(&url)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rejected = send(&client, get(&gateway.url("/more"))).await;
+    assert_eq!(rejected.status, 503, "{}", rejected.body);
+    assert_eq!(
+        rejected
+            .headers
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    assert_eq!(rejected.headers["x-tandem-error"], "gateway");
+    for request in held {
+        let reply = request.await.unwrap();
+        assert_eq!(
+            reply.status, 504,
+            "requestTimeout 2s passed: {}",
+            reply.body
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the 504 came at the deadline, not later"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413_and_oversized_heads_431() {
+    let dir = work_dir("limits");
+    let backend = Echo::start(&dir, "pod", 0).await;
+    let routes = json!([
+        {"name": "hot", "match": {"pathPrefix": "/hot"}, "backends": [{"workload": "web"}]},
+        {"name": "cold", "match": {"pathPrefix": "/cold"}, "backends": [{"workload": "fn"}]}
+    ]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(
+            vec![
+                workload("web", "AlwaysOn", "30s"),
+                workload("fn", "Function", "30s"),
+            ],
+            routes,
+            &[("web", vec![backend.addr])],
+        ),
+        &[
+            "--max-body-bytes=1000".into(),
+            "--max-held-body-bytes=100".into(),
+            "--max-header-bytes=8192".into(),
+            "--max-headers=50".into(),
+        ],
+    )
+    .await;
+    let client = client();
+    let post = |path: &str, size: usize| {
+        http::Request::post(gateway.url(path))
+            .body(Full::new(Bytes::from(vec![b'x'; size])))
+            .unwrap()
+    };
+    assert_eq!(send(&client, post("/hot", 500)).await.status, 200);
+    assert_eq!(send(&client, post("/hot", 5000)).await.status, 413);
+    assert_eq!(
+        send(&client, post("/cold", 500)).await.status,
+        413,
+        "a held body is capped lower"
+    );
+
+    let big = http::Request::get(gateway.url("/hot"))
+        .header("x-big", "y".repeat(20_000))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client, big).await.status, 431);
+    let mut many = http::Request::get(gateway.url("/hot"));
+    for i in 0..80 {
+        many = many.header(format!("x-h{i}"), "1");
+    }
+    assert_eq!(
+        send(&client, many.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .status,
+        431
+    );
+    let none = send(&client, get(&gateway.url("/nowhere"))).await;
+    assert_eq!(none.status, 404);
+    assert!(none.body.contains("no route"), "{}", none.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_its_head_slowly_is_cut_off() {
+    let dir = work_dir("slow");
+    let routes =
+        json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(vec![workload("fn", "Function", "30s")], routes, &[]),
+        &["--header-read-timeout=1s".into()],
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = vec![0u8; 1024];
+    // The server closes (or answers 408 and closes); either way the read ends.
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection stayed open for 10s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut off by the timeout, not at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_and_http2_pass_through() {
+    let dir = work_dir("ws");
+    let backend = Echo::start(&dir, "pod", 0).await;
+    let routes =
+        json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(
+            vec![workload("web", "AlwaysOn", "30s")],
+            routes,
+            &[("web", vec![backend.addr])],
+        ),
+        &[],
+    )
+    .await;
+
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gateway.addr))
+        .await
+        .expect("websocket handshake through the gateway");
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            "hello through tandem",
+        ))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(Duration::from_secs(10), socket.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "hello through tandem");
+
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let reply = send(&h2, get(&gateway.url("/over-h2"))).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.body.contains("path=/over-h2"), "{}", reply.body);
+    assert!(
+        reply.body.contains("forwarded-for=127.0.0.1"),
+        "{}",
+        reply.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_50_slow_requests_finish() {
+    let dir = work_dir("drain");
+    let backend = Echo::start(&dir, "pod", 0).await;
+    let routes =
+        json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(
+            vec![workload("web", "AlwaysOn", "30s")],
+            routes,
+            &[("web", vec![backend.addr])],
+        ),
+        &[],
+    )
+    .await;
+    let client = client();
+    let requests: Vec<_> = (0..50)
+        .map(|i| {
+            let client = client.clone();
+            let request = http::Request::get(gateway.url(&format!("/slow/{i}")))
+                .header("x-echo-delay-ms", "2000")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            tokio::spawn(async move { send(&client, request).await })
+        })
+        .collect();
+    wait_for("50 requests in flight", Duration::from_secs(10), || async {
+        let metrics = testenv::http_client::get(&format!("http://{}/metrics", gateway.admin))
+            .await
+            .map_err(|e| e.to_string())?
+            .body;
+        if metrics
+            .contains("tandem_gateway_in_flight{namespace=\"ns\",app=\"shop\",workload=\"web\"} 50")
+        {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    gateway.process.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut ok = 0;
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        ok += 1;
+    }
+    assert_eq!(ok, 50);
+    let status = tokio::time::timeout(Duration::from_secs(10), gateway.process.wait())
+        .await
+        .expect("the gateway exits after draining");
+    assert!(status.success(), "clean exit: {status}");
+}
