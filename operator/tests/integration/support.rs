@@ -84,24 +84,36 @@ struct OperatorRbac {
 /// Creates the operator's ServiceAccount and its RBAC in `namespace` and
 /// returns a kubeconfig file with a token of that account.
 pub async fn operator_kubeconfig(namespace: &str) -> std::path::PathBuf {
+    account_kubeconfig(namespace, "tandem-operator", "operator-rbac.yaml").await
+}
+
+/// Creates ServiceAccount `account` in `namespace`, bound to exactly the
+/// rules in `charts/tandem/files/<rbac_file>`, and returns a kubeconfig file
+/// with a token of that account.
+pub async fn account_kubeconfig(
+    namespace: &str,
+    account: &str,
+    rbac_file: &str,
+) -> std::path::PathBuf {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     use kube::api::PostParams;
     let env = environment();
     let client = env.client().await;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../charts/tandem/files/operator-rbac.yaml");
+        .join("../charts/tandem/files")
+        .join(rbac_file);
     let rbac: OperatorRbac = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let pp = PostParams::default();
-    let subject = serde_json::json!([{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": namespace}]);
+    let subject =
+        serde_json::json!([{"kind": "ServiceAccount", "name": account, "namespace": namespace}]);
     let sa: ServiceAccount =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "tandem-operator"}}))
-            .unwrap();
+        serde_json::from_value(serde_json::json!({"metadata": {"name": account}})).unwrap();
     Api::<ServiceAccount>::namespaced(client.clone(), namespace)
         .create(&pp, &sa)
         .await
         .unwrap();
-    let cluster_role_name = format!("tandem-operator-{namespace}");
+    let cluster_role_name = format!("{account}-{namespace}");
     let mut cluster_role: ClusterRole =
         serde_json::from_value(serde_json::json!({"metadata": {"name": cluster_role_name}}))
             .unwrap();
@@ -121,16 +133,15 @@ pub async fn operator_kubeconfig(namespace: &str) -> std::path::PathBuf {
         .await
         .unwrap();
     let mut role: Role =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "tandem-operator"}}))
-            .unwrap();
+        serde_json::from_value(serde_json::json!({"metadata": {"name": account}})).unwrap();
     role.rules = Some(rbac.namespace_rules);
     Api::<Role>::namespaced(client.clone(), namespace)
         .create(&pp, &role)
         .await
         .unwrap();
     let role_binding: RoleBinding = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "tandem-operator"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tandem-operator"},
+        "metadata": {"name": account},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
         "subjects": subject,
     }))
     .unwrap();
@@ -139,18 +150,18 @@ pub async fn operator_kubeconfig(namespace: &str) -> std::path::PathBuf {
         .await
         .unwrap();
 
-    let token = testenv::service_account_token(&client, namespace, "tandem-operator", 3600)
+    let token = testenv::service_account_token(&client, namespace, account, 3600)
         .await
         .unwrap();
     let kubeconfig = env.control_plane.kubeconfig_for(
-        &format!("system:serviceaccount:{namespace}:tandem-operator"),
+        &format!("system:serviceaccount:{namespace}:{account}"),
         &token,
         namespace,
     );
     let file = env
         .control_plane
         .dir
-        .join(format!("operator-{namespace}.kubeconfig"));
+        .join(format!("{account}-{namespace}.kubeconfig"));
     std::fs::write(&file, kubeconfig).unwrap();
     file
 }
