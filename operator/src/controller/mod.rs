@@ -421,7 +421,7 @@ async fn apply_workload(
     match live {
         Some(live) => {
             context.forget_created(&ns, &name);
-            if !children::up_to_date(&child.deployment, &to_value(&*live)) {
+            if !children::up_to_date(&child.deployment, &comparable(&*live)) {
                 if owns_replicas(&live) {
                     hand_over_replicas(&deployments, &live).await?;
                 }
@@ -451,7 +451,7 @@ async fn apply_workload(
     }
 
     let live_service = context.services.get(&ObjectRef::new(&name).within(&ns));
-    if !live_service.is_some_and(|s| children::up_to_date(&child.service, &to_value(&*s))) {
+    if !live_service.is_some_and(|s| children::up_to_date(&child.service, &comparable(&*s))) {
         services
             .patch(&name, &apply_params(), &Patch::Apply(&child.service))
             .await?;
@@ -463,7 +463,7 @@ async fn apply_workload(
         (Some(hpa), live)
             if !live
                 .as_ref()
-                .is_some_and(|l| children::up_to_date(hpa, &to_value(&**l))) =>
+                .is_some_and(|l| children::up_to_date(hpa, &comparable(&**l))) =>
         {
             hpas.patch(&name, &apply_params(), &Patch::Apply(hpa))
                 .await?;
@@ -679,6 +679,14 @@ async fn publish(context: &Context, app: &HybridApp, type_: EventType, reason: &
     if let Err(error) = context.recorder.publish(&event, &app.object_ref(&())).await {
         tracing::warn!(%error, reason, "publish event");
     }
+}
+
+/// A child as JSON for [`children::up_to_date`], without its managed fields
+/// (the largest part, and irrelevant to the comparison).
+fn comparable<K: Resource + Clone + serde::Serialize>(object: &K) -> Value {
+    let mut object = object.clone();
+    object.meta_mut().managed_fields = None;
+    to_value(&object)
 }
 
 fn to_value<T: serde::Serialize>(object: &T) -> Value {

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the gateway.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -105,52 +106,76 @@ impl GatewayMetrics {
         metrics
     }
 
-    /// Records a finished request.
-    pub fn observe(
-        &self,
-        route: &str,
-        key: &WorkloadKey,
-        status: http::StatusCode,
-        took: Duration,
-    ) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                namespace: key.namespace.clone(),
-                app: key.app.clone(),
-                route: route.to_string(),
-                workload: key.workload.clone(),
-                code: status.as_u16(),
-            })
-            .inc();
-        self.latency
-            .get_or_create(&key.into())
-            .observe(took.as_secs_f64());
-    }
-
     /// Records a request without a route.
     pub fn request_without_route(&self) {
         self.unrouted.inc();
     }
 
-    /// Sets the in-flight gauge.
-    pub fn in_flight(&self, key: &WorkloadKey, value: u64) {
-        self.in_flight.get_or_create(&key.into()).set(value as i64);
+    /// Handles on one workload's metrics, looked up once and then used
+    /// without building labels on every request.
+    pub fn workload(&self, key: &WorkloadKey) -> WorkloadMetrics {
+        let labels: WorkloadLabels = key.into();
+        WorkloadMetrics {
+            key: key.clone(),
+            requests: self.requests.clone(),
+            by_route: Default::default(),
+            latency: self.latency.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+            held: self.held.get_or_create(&labels).clone(),
+            cold_starts: self.cold_starts.get_or_create(&labels).clone(),
+            cold_wait: self.cold_wait.get_or_create(&labels).clone(),
+        }
     }
+}
 
-    /// Sets the held gauge.
-    pub fn held(&self, key: &WorkloadKey, value: u64) {
-        self.held.get_or_create(&key.into()).set(value as i64);
-    }
+/// One workload's metrics.
+pub struct WorkloadMetrics {
+    key: WorkloadKey,
+    requests: Family<RequestLabels, Counter>,
+    by_route: std::sync::RwLock<HashMap<String, HashMap<u16, Counter>>>,
+    /// Time to the response head, cold wait included.
+    pub latency: Histogram,
+    /// Requests in flight to its endpoints.
+    pub in_flight: Gauge,
+    /// Requests held while it starts.
+    pub held: Gauge,
+    /// Bursts that found it at zero.
+    pub cold_starts: Counter,
+    /// Time held requests waited.
+    pub cold_wait: Histogram,
+}
 
-    /// Counts a cold start.
-    pub fn cold_start(&self, key: &WorkloadKey) {
-        self.cold_starts.get_or_create(&key.into()).inc();
-    }
-
-    /// Records how long a held request waited.
-    pub fn cold_wait(&self, key: &WorkloadKey, waited: Duration) {
-        self.cold_wait
-            .get_or_create(&key.into())
-            .observe(waited.as_secs_f64());
+impl WorkloadMetrics {
+    /// Records a finished request on `route` with `status`.
+    pub fn observe(&self, route: &str, status: http::StatusCode, took: Duration) {
+        self.latency.observe(took.as_secs_f64());
+        let code = status.as_u16();
+        if let Some(counter) = self
+            .by_route
+            .read()
+            .expect("metrics lock")
+            .get(route)
+            .and_then(|c| c.get(&code))
+        {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .requests
+            .get_or_create(&RequestLabels {
+                namespace: self.key.namespace.clone(),
+                app: self.key.app.clone(),
+                route: route.to_string(),
+                workload: self.key.workload.clone(),
+                code,
+            })
+            .clone();
+        counter.inc();
+        self.by_route
+            .write()
+            .expect("metrics lock")
+            .entry(route.to_string())
+            .or_default()
+            .insert(code, counter);
     }
 }

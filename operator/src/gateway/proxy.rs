@@ -54,9 +54,10 @@ impl Origin {
     }
 }
 
-/// Per-workload counters reported to the autoscaler.
-#[derive(Default)]
+/// Per-workload counters reported to the autoscaler, and its metrics.
 pub struct WorkloadLoad {
+    /// Prometheus handles of this workload.
+    pub metrics: super::metrics::WorkloadMetrics,
     /// Requests being served by endpoints now.
     pub in_flight: AtomicU64,
     /// Requests held waiting for an endpoint now.
@@ -175,7 +176,14 @@ impl Gateway {
             .write()
             .expect("workloads lock")
             .entry(key.clone())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(WorkloadLoad {
+                    metrics: self.metrics.workload(key),
+                    in_flight: AtomicU64::new(0),
+                    held: AtomicU64::new(0),
+                    requests: AtomicU64::new(0),
+                })
+            })
             .clone()
     }
 
@@ -241,12 +249,13 @@ impl Gateway {
             .response();
         };
         drop(table);
-        let response = match self.serve(request, peer, &target, started).await {
+        let load = self.load_of(&target.key);
+        let response = match self.serve(request, peer, &target, &load, started).await {
             Ok(response) => response,
             Err(failure) => failure.response(),
         };
-        self.metrics
-            .observe(&route.name, &key, response.status(), started.elapsed());
+        load.metrics
+            .observe(&route.name, response.status(), started.elapsed());
         response
     }
 
@@ -255,6 +264,7 @@ impl Gateway {
         request: Request<Incoming>,
         peer: SocketAddr,
         target: &Arc<WorkloadTarget>,
+        load: &Arc<WorkloadLoad>,
         started: Instant,
     ) -> Result<Response<Body>, Failure> {
         let deadline = started + target.request_timeout;
@@ -270,7 +280,6 @@ impl Gateway {
                 format!("request body is larger than {} bytes", self.max_body_bytes),
             ));
         }
-        let load = self.load_of(&target.key);
         load.requests.fetch_add(1, Ordering::Relaxed);
 
         let mut target = target.clone();
@@ -286,7 +295,7 @@ impl Gateway {
             }
             // Cold path: hold the request (bounded), buffer its body (capped),
             // tell the autoscaler, and wait for an endpoint.
-            let held = Held::enter(&load, self.max_held_requests).ok_or_else(|| {
+            let held = Held::enter(load, self.max_held_requests).ok_or_else(|| {
                 Failure::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Origin::Gateway,
@@ -295,11 +304,9 @@ impl Gateway {
                 .retry_after(1)
             })?;
             if held.first {
-                self.metrics.cold_start(&target.key);
+                load.metrics.cold_starts.inc();
             }
             self.demand.notify_one();
-            self.metrics
-                .held(&target.key, load.held.load(Ordering::Relaxed));
             let bytes = if declared.is_some_and(|n| n > self.max_held_body_bytes as u64) {
                 None
             } else {
@@ -334,14 +341,14 @@ impl Gateway {
                     )
                 })?;
             drop(held);
-            self.metrics
-                .held(&target.key, load.held.load(Ordering::Relaxed));
-            self.metrics.cold_wait(&target.key, waited.elapsed());
+            load.metrics
+                .cold_wait
+                .observe(waited.elapsed().as_secs_f64());
             Forward::Buffered(bytes)
         } else {
             Forward::Streaming(body)
         };
-        self.forward(parts, body, peer, &target, &load, deadline)
+        self.forward(parts, body, peer, &target, load, deadline)
             .await
     }
 
@@ -379,7 +386,7 @@ impl Gateway {
         body: Forward,
         peer: SocketAddr,
         target: &WorkloadTarget,
-        load: &WorkloadLoad,
+        load: &Arc<WorkloadLoad>,
         deadline: Instant,
     ) -> Result<Response<Body>, Failure> {
         let upgrade = parts.headers.get(header::UPGRADE).cloned();
@@ -447,14 +454,9 @@ impl Gateway {
             };
             let mut upstream = Request::from_parts(clone_parts(&parts, uri), request_body);
             *upstream.version_mut() = http::Version::HTTP_11;
-            load.in_flight.fetch_add(1, Ordering::Relaxed);
-            self.metrics
-                .in_flight(&target.key, load.in_flight.load(Ordering::Relaxed));
+            let serving = Serving::start(load);
             let result =
                 tokio::time::timeout_at(deadline.into(), self.client.request(upstream)).await;
-            load.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.metrics
-                .in_flight(&target.key, load.in_flight.load(Ordering::Relaxed));
             let response = match result {
                 Err(_) => {
                     return Err(Failure::new(
@@ -489,14 +491,14 @@ impl Gateway {
                 }
                 Ok(Ok(response)) => response,
             };
-            return Ok(self.answer(response, in_flight, client_upgrade));
+            return Ok(self.answer(response, (in_flight, serving), client_upgrade));
         }
     }
 
     fn answer(
         &self,
         mut response: Response<Incoming>,
-        in_flight: super::balance::InFlight,
+        in_flight: (super::balance::InFlight, Serving),
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<Body> {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -527,6 +529,24 @@ impl Gateway {
             })
             .boxed();
         Response::from_parts(parts, body)
+    }
+}
+
+/// One request in flight to a workload, until its response body ends.
+struct Serving(Arc<WorkloadLoad>);
+
+impl Serving {
+    fn start(load: &Arc<WorkloadLoad>) -> Self {
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        load.metrics.in_flight.inc();
+        Self(load.clone())
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.in_flight.dec();
     }
 }
 
@@ -569,6 +589,7 @@ impl<'a> Held<'a> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.load.held.fetch_sub(1, Ordering::AcqRel);
+        self.load.metrics.held.dec();
     }
 }
 
@@ -653,7 +674,19 @@ mod tests {
 
     #[test]
     fn held_requests_are_bounded_and_the_first_is_a_cold_start() {
-        let load = WorkloadLoad::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = GatewayMetrics::register(&mut registry);
+        let key = WorkloadKey {
+            namespace: "n".into(),
+            app: "a".into(),
+            workload: "w".into(),
+        };
+        let load = WorkloadLoad {
+            metrics: metrics.workload(&key),
+            in_flight: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        };
         let first = Held::enter(&load, 2).unwrap();
         let second = Held::enter(&load, 2).unwrap();
         assert!(first.first && !second.first);
