@@ -144,9 +144,59 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     Ok(())
 }
 
-/// Accepts connections until `shutdown`, then lets in-flight requests
-/// finish within the grace period and closes idle connections.
+/// Serves on one thread per core, each with its own single-threaded runtime
+/// and upstream connection pool (no cross-thread hand-offs per request, as in
+/// nginx's worker model). All threads accept from the same socket. On
+/// `shutdown` they stop accepting and let in-flight requests finish within
+/// the grace period, then close idle connections.
 pub async fn serve(
+    listener: TcpListener,
+    gateway: Arc<proxy::Gateway>,
+    args: &GatewayArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let listener = listener.into_std().expect("listener to std");
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (stop_tx, stop) = watch::channel(false);
+    let mut workers = Vec::new();
+    for index in 0..threads {
+        let listener = listener.try_clone().expect("clone the listening socket");
+        let gateway = gateway.for_thread();
+        let args = args.clone();
+        let stop = stop.clone();
+        let worker = std::thread::Builder::new()
+            .name(format!("gateway-{index}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("gateway worker runtime");
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener).expect("register the listener");
+                    let mut stop = stop;
+                    accept(listener, Arc::new(gateway), &args, async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    })
+                    .await;
+                });
+            })
+            .expect("start a gateway worker thread");
+        workers.push(worker);
+    }
+    drop(listener);
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::task::spawn_blocking(move || {
+        for worker in workers {
+            let _ = worker.join();
+        }
+    })
+    .await;
+}
+
+async fn accept(
     listener: TcpListener,
     gateway: Arc<proxy::Gateway>,
     args: &GatewayArgs,
@@ -165,7 +215,6 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(args.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {

@@ -69,11 +69,12 @@ pub struct WorkloadLoad {
 /// Shared state of the gateway.
 pub struct Gateway {
     tables: watch::Receiver<Arc<RoutingTable>>,
-    loads: EndpointLoads,
+    loads: Arc<EndpointLoads>,
     client: Client<HttpConnector, Body>,
-    workloads: RwLock<HashMap<WorkloadKey, Arc<WorkloadLoad>>>,
+    connect_timeout: Duration,
+    workloads: Arc<RwLock<HashMap<WorkloadKey, Arc<WorkloadLoad>>>>,
     /// Wakes the demand sender when a workload gets its first held request.
-    pub demand: Notify,
+    pub demand: Arc<Notify>,
     metrics: GatewayMetrics,
     max_held_requests: u64,
     max_held_body_bytes: usize,
@@ -143,27 +144,36 @@ impl Gateway {
         metrics: GatewayMetrics,
         id: String,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(args.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Self {
             tables,
-            loads: EndpointLoads::default(),
-            client,
-            workloads: RwLock::new(HashMap::new()),
-            demand: Notify::new(),
+            loads: Arc::default(),
+            client: upstream_client(args.connect_timeout),
+            connect_timeout: args.connect_timeout,
+            workloads: Arc::default(),
+            demand: Arc::default(),
             metrics,
             max_held_requests: args.max_held_requests as u64,
             max_held_body_bytes: args.max_held_body_bytes,
             max_body_bytes: args.max_body_bytes,
             id,
+        }
+    }
+
+    /// The same gateway with a connection pool of its own, for one serving
+    /// thread: connections stay on the thread that uses them.
+    pub fn for_thread(&self) -> Gateway {
+        Gateway {
+            tables: self.tables.clone(),
+            loads: self.loads.clone(),
+            client: upstream_client(self.connect_timeout),
+            connect_timeout: self.connect_timeout,
+            workloads: self.workloads.clone(),
+            demand: self.demand.clone(),
+            metrics: self.metrics.clone(),
+            max_held_requests: self.max_held_requests,
+            max_held_body_bytes: self.max_held_body_bytes,
+            max_body_bytes: self.max_body_bytes,
+            id: self.id.clone(),
         }
     }
 
@@ -548,6 +558,19 @@ impl Drop for Serving {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.metrics.in_flight.dec();
     }
+}
+
+fn upstream_client(connect_timeout: Duration) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(256)
+        .build(connector)
 }
 
 enum Forward {
