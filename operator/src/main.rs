@@ -2,6 +2,11 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Result;
+
+// The gateway allocates a little for every request; mimalloc is markedly
+// cheaper than glibc's malloc for that pattern (measured with bench/gateway).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
