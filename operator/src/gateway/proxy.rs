@@ -462,7 +462,19 @@ impl Gateway {
                     .map_err(BoxError::from)
                     .boxed(),
             };
-            let mut upstream = Request::from_parts(clone_parts(&parts, uri), request_body);
+            // Keep a copy of the head only while another attempt is possible.
+            let last_attempt = body.is_none() || tried.len() == target.endpoints.len();
+            let head = if last_attempt {
+                let (mut head, _) = Request::new(()).into_parts();
+                std::mem::swap(&mut head, &mut parts);
+                head.uri = uri;
+                head.version = http::Version::HTTP_11;
+                head.extensions = http::Extensions::new();
+                head
+            } else {
+                clone_parts(&parts, uri)
+            };
+            let mut upstream = Request::from_parts(head, request_body);
             *upstream.version_mut() = http::Version::HTTP_11;
             let serving = Serving::start(load);
             let result =
