@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod autoscaler;
 pub mod controller;
 pub mod gateway;
 pub mod leader;

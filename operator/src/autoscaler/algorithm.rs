@@ -1,0 +1,462 @@
+//! The scaling algorithm: pure, no I/O, time passed in.
+//!
+//! Modelled on Knative's KPA. Observed concurrency (requests in flight plus
+//! requests held, summed over every gateway) is averaged over a *stable*
+//! window and a short *panic* window. Normally the stable average decides;
+//! when the panic average reaches `panic_threshold` times what the current
+//! replicas can take, the autoscaler panics: it follows the panic average
+//! and does not scale down until the load has been calm for a stable window.
+//! Outside panic it still scales *up* as soon as the panic average asks for
+//! more replicas (so a step in load is met within the panic window), and
+//! scales *down* only on the stable average (so it does not flap).
+//! Steps are limited by a maximum scale-up and scale-down rate, results are
+//! kept within `[min, max]`, and a Function goes to zero only after
+//! `scale_to_zero_after` without any request in flight or held.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// How one workload scales. See [`ScalingPolicy::defaults`] for the values
+/// Tandem uses and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingPolicy {
+    /// Fewest replicas (0 lets a Function scale to zero).
+    pub min_replicas: u32,
+    /// Most replicas.
+    pub max_replicas: u32,
+    /// Replicas started at once when waking from zero.
+    pub initial_replicas: u32,
+    /// Requests in flight one replica is meant to take.
+    pub target_concurrency: f64,
+    /// Share of `target_concurrency` aimed for, leaving headroom for bursts.
+    pub target_utilization: f64,
+    /// Window of the stable average.
+    pub stable_window: Duration,
+    /// Window of the panic average.
+    pub panic_window: Duration,
+    /// Panic when the panic average needs this many times the current replicas.
+    pub panic_threshold: f64,
+    /// At most this factor more replicas per decision.
+    pub max_scale_up_rate: f64,
+    /// At most this factor fewer replicas per decision.
+    pub max_scale_down_rate: f64,
+    /// Idle time before zero; `None` never scales to zero (AlwaysOn).
+    pub scale_to_zero_after: Option<Duration>,
+}
+
+impl ScalingPolicy {
+    /// Knative's KPA defaults (stable window 60 s, panic window 10% of it,
+    /// panic threshold 200%, utilisation 70%, scale up at most 1000× and down
+    /// at most 2× per decision), which are well tried in production, for a
+    /// workload with the given bounds and target.
+    pub fn defaults(
+        min: u32,
+        max: u32,
+        initial: u32,
+        target_concurrency: u32,
+        scale_to_zero_after: Option<Duration>,
+    ) -> Self {
+        Self {
+            min_replicas: min,
+            max_replicas: max.max(1),
+            initial_replicas: initial.max(1),
+            target_concurrency: f64::from(target_concurrency.max(1)),
+            target_utilization: 0.7,
+            stable_window: Duration::from_secs(60),
+            panic_window: Duration::from_secs(6),
+            panic_threshold: 2.0,
+            max_scale_up_rate: 1000.0,
+            max_scale_down_rate: 2.0,
+            scale_to_zero_after,
+        }
+    }
+
+    fn per_replica(&self) -> f64 {
+        (self.target_concurrency * self.target_utilization).max(0.01)
+    }
+}
+
+/// Why the autoscaler chose a replica count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A request arrived for a workload at zero.
+    ScaledFromZero,
+    /// More load than the replicas can take.
+    ScaledUp,
+    /// Less load than the replicas can take.
+    ScaledDown,
+    /// Idle for `scale_to_zero_after`.
+    ScaledToZero,
+    /// Nothing to change.
+    Steady,
+    /// No fresh signal from the gateways: keep the current scale.
+    HoldingWithoutSignal,
+}
+
+impl Reason {
+    /// PascalCase name for events and conditions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::ScaledFromZero => "ScaledFromZero",
+            Reason::ScaledUp => "ScaledUp",
+            Reason::ScaledDown => "ScaledDown",
+            Reason::ScaledToZero => "ScaledToZero",
+            Reason::Steady => "Steady",
+            Reason::HoldingWithoutSignal => "HoldingWithoutSignal",
+        }
+    }
+}
+
+/// One decision, with its reason and the numbers behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScaleDecision {
+    /// Replicas wanted.
+    pub replicas: u32,
+    /// Why.
+    pub reason: Reason,
+    /// Whether the autoscaler is in panic mode.
+    pub panicking: bool,
+    /// A sentence for status and events.
+    pub message: String,
+}
+
+/// What the gateways reported at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    /// Requests in flight to the workload's endpoints, all gateways together.
+    pub in_flight: f64,
+    /// Requests held waiting for an endpoint, all gateways together.
+    pub held: f64,
+}
+
+impl Observation {
+    fn concurrency(&self) -> f64 {
+        self.in_flight + self.held
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight > 0.0 || self.held > 0.0
+    }
+}
+
+/// The state of one workload's autoscaler.
+#[derive(Debug, Clone)]
+pub struct Autoscaler {
+    policy: ScalingPolicy,
+    samples: VecDeque<(Duration, f64)>,
+    latest: Option<Observation>,
+    last_busy: Option<Duration>,
+    panic_until: Option<Duration>,
+    panic_floor: u32,
+}
+
+impl Autoscaler {
+    /// A fresh autoscaler; `now` counts as the last busy moment, so a
+    /// restarted operator never scales a workload to zero before it has
+    /// watched it idle for a full `scale_to_zero_after`.
+    pub fn new(policy: ScalingPolicy, now: Duration) -> Self {
+        Self {
+            policy,
+            samples: VecDeque::new(),
+            latest: None,
+            last_busy: Some(now),
+            panic_until: None,
+            panic_floor: 0,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &ScalingPolicy {
+        &self.policy
+    }
+
+    /// Replaces the policy (the spec changed), keeping the history.
+    pub fn set_policy(&mut self, policy: ScalingPolicy) {
+        self.policy = policy;
+    }
+
+    /// Records what the gateways reported at `now`.
+    pub fn observe(&mut self, now: Duration, observation: Observation) {
+        self.samples.push_back((now, observation.concurrency()));
+        self.latest = Some(observation);
+        if observation.busy() {
+            self.last_busy = Some(now);
+        }
+        let horizon = now.saturating_sub(self.policy.stable_window);
+        while self.samples.front().is_some_and(|(at, _)| *at < horizon) {
+            self.samples.pop_front();
+        }
+    }
+
+    fn average(&self, now: Duration, window: Duration) -> f64 {
+        let since = now.saturating_sub(window);
+        let (sum, count) = self
+            .samples
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .fold((0.0, 0usize), |(s, c), (_, v)| (s + v, c + 1));
+        if count == 0 { 0.0 } else { sum / count as f64 }
+    }
+
+    /// Decides the replica count at `now`, given the `current` one. With
+    /// `fresh == false` (no recent report from the gateways) it holds.
+    pub fn decide(&mut self, now: Duration, current: u32, fresh: bool) -> ScaleDecision {
+        let p = self.policy.clone();
+        let busy = self.latest.is_some_and(|o| o.busy());
+        if !fresh {
+            return ScaleDecision {
+                replicas: current,
+                reason: Reason::HoldingWithoutSignal,
+                panicking: self.panic_until.is_some(),
+                message: format!("no recent stats from the gateways; holding {current} replica(s)"),
+            };
+        }
+        let stable = self.average(now, p.stable_window);
+        let panic = self.average(now, p.panic_window);
+        let per_replica = p.per_replica();
+        let want_stable = (stable / per_replica).ceil() as u32;
+        let want_panic = (panic / per_replica).ceil() as u32;
+
+        // Panic when the short window needs far more than we have.
+        let capacity = f64::from(current.max(1)) * per_replica;
+        if current > 0 && panic / capacity >= p.panic_threshold {
+            if self.panic_until.is_none() {
+                self.panic_floor = current;
+            }
+            self.panic_until = Some(now + p.stable_window);
+        } else if self.panic_until.is_some_and(|until| now >= until) {
+            self.panic_until = None;
+            self.panic_floor = 0;
+        }
+        let panicking = self.panic_until.is_some();
+        let mut wanted = if panicking {
+            // Never scale down while panicking.
+            let wanted = want_panic.max(want_stable).max(self.panic_floor);
+            self.panic_floor = wanted;
+            wanted
+        } else {
+            // Up as soon as the short window asks; down only when both agree.
+            want_stable.max(want_panic)
+        };
+
+        // Rate limits, relative to the current count.
+        if current > 0 {
+            let up_limit = (f64::from(current) * p.max_scale_up_rate).ceil() as u32;
+            let down_limit = (f64::from(current) / p.max_scale_down_rate).floor() as u32;
+            wanted = wanted.min(up_limit).max(down_limit);
+        }
+
+        // Zero only for an idle Function after its grace; otherwise at least one.
+        let idle_for = self
+            .last_busy
+            .map(|at| now.saturating_sub(at))
+            .unwrap_or(Duration::MAX);
+        let may_be_zero = p.min_replicas == 0
+            && !busy
+            && p.scale_to_zero_after.is_some_and(|after| idle_for >= after);
+        let wanted = if current == 0 && !busy {
+            // Nothing is waiting: stay where the spec's minimum puts us.
+            p.min_replicas
+        } else {
+            let mut wanted = wanted;
+            if current == 0 {
+                wanted = wanted.max(p.initial_replicas);
+            }
+            let lower = if may_be_zero {
+                0
+            } else {
+                p.min_replicas.max(1)
+            };
+            wanted.max(lower)
+        };
+        let wanted = wanted
+            .min(p.max_replicas)
+            .max(p.min_replicas.min(p.max_replicas));
+
+        let reason = match (current, wanted) {
+            (0, w) if w > 0 => Reason::ScaledFromZero,
+            (c, 0) if c > 0 => Reason::ScaledToZero,
+            (c, w) if w > c => Reason::ScaledUp,
+            (c, w) if w < c => Reason::ScaledDown,
+            _ => Reason::Steady,
+        };
+        let message = match reason {
+            Reason::ScaledFromZero => format!(
+                "{} request(s) waiting; starting {wanted} replica(s)",
+                self.latest.map(|o| o.held + o.in_flight).unwrap_or(0.0)
+            ),
+            Reason::ScaledToZero => {
+                format!("no request for {}s; scaled to zero", idle_for.as_secs())
+            }
+            Reason::ScaledUp | Reason::ScaledDown | Reason::Steady => format!(
+                "{wanted} replica(s) for average concurrency {stable:.1} (stable) / {panic:.1} (panic) at {per_replica:.1} per replica{}",
+                if panicking { ", panicking" } else { "" }
+            ),
+            Reason::HoldingWithoutSignal => unreachable!(),
+        };
+        ScaleDecision {
+            replicas: wanted,
+            reason,
+            panicking,
+            message,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TICK: Duration = Duration::from_secs(2);
+
+    fn function(max: u32, target: u32) -> ScalingPolicy {
+        ScalingPolicy::defaults(0, max, 1, target, Some(Duration::from_secs(60)))
+    }
+
+    /// Runs `loads` (one concurrency per tick) and returns the replica count
+    /// after each tick; replicas follow decisions at once.
+    fn simulate(policy: ScalingPolicy, start: u32, loads: &[f64]) -> Vec<u32> {
+        let mut autoscaler = Autoscaler::new(policy, Duration::ZERO);
+        let mut replicas = start;
+        let mut out = Vec::new();
+        for (i, load) in loads.iter().enumerate() {
+            let now = TICK * (i as u32 + 1);
+            autoscaler.observe(
+                now,
+                Observation {
+                    in_flight: *load,
+                    held: 0.0,
+                },
+            );
+            replicas = autoscaler.decide(now, replicas, true).replicas;
+            out.push(replicas);
+        }
+        out
+    }
+
+    #[test]
+    fn wakes_at_once_with_initial_replicas() {
+        let mut policy = function(10, 10);
+        policy.initial_replicas = 3;
+        let mut a = Autoscaler::new(policy, Duration::ZERO);
+        a.observe(
+            TICK,
+            Observation {
+                in_flight: 0.0,
+                held: 1.0,
+            },
+        );
+        let decision = a.decide(TICK, 0, true);
+        assert_eq!(
+            (decision.replicas, decision.reason),
+            (3, Reason::ScaledFromZero)
+        );
+    }
+
+    #[test]
+    fn scales_to_zero_only_after_the_idle_grace() {
+        let mut loads = vec![5.0; 10];
+        loads.extend(vec![0.0; 60]);
+        let replicas = simulate(function(10, 10), 1, &loads);
+        // Busy until 20 s; zero is allowed from 80 s (index 39), once the
+        // stable window no longer holds the last busy sample (index 40).
+        assert!(replicas[..39].iter().all(|r| *r >= 1), "{replicas:?}");
+        assert_eq!(replicas[40], 0, "{replicas:?}");
+        let mut a = Autoscaler::new(function(10, 10), Duration::ZERO);
+        a.observe(
+            Duration::from_secs(100),
+            Observation {
+                in_flight: 0.0,
+                held: 0.0,
+            },
+        );
+        assert_eq!(
+            a.decide(Duration::from_secs(100), 2, false).reason,
+            Reason::HoldingWithoutSignal
+        );
+    }
+
+    #[test]
+    fn a_restarted_autoscaler_waits_a_full_grace_before_zero() {
+        let mut a = Autoscaler::new(function(10, 10), Duration::from_secs(1000));
+        a.observe(
+            Duration::from_secs(1010),
+            Observation {
+                in_flight: 0.0,
+                held: 0.0,
+            },
+        );
+        assert_eq!(a.decide(Duration::from_secs(1010), 1, true).replicas, 1);
+        a.observe(
+            Duration::from_secs(1061),
+            Observation {
+                in_flight: 0.0,
+                held: 0.0,
+            },
+        );
+        assert_eq!(a.decide(Duration::from_secs(1061), 1, true).replicas, 0);
+    }
+
+    #[test]
+    fn always_on_never_goes_below_its_minimum() {
+        let policy = ScalingPolicy::defaults(2, 10, 1, 50, None);
+        let replicas = simulate(policy, 2, &vec![0.0; 100]);
+        assert!(replicas.iter().all(|r| *r == 2), "{replicas:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn stays_within_bounds_and_never_zero_while_busy(
+            loads in prop::collection::vec(0.0f64..500.0, 1..120),
+            idle in prop::collection::vec(any::<bool>(), 1..120),
+            min in 0u32..3, max in 1u32..40, target in 1u32..50,
+        ) {
+            let max = max.max(min).max(1);
+            let policy = ScalingPolicy::defaults(min, max, 1, target, (min == 0).then_some(Duration::from_secs(20)));
+            let mut a = Autoscaler::new(policy, Duration::ZERO);
+            let mut replicas = min;
+            for (i, load) in loads.iter().enumerate() {
+                let load = if idle[i % idle.len()] { 0.0 } else { *load };
+                let now = TICK * (i as u32 + 1);
+                let held = if replicas == 0 { load } else { 0.0 };
+                a.observe(now, Observation { in_flight: load - held, held });
+                let next = a.decide(now, replicas, true).replicas;
+                prop_assert!(next <= max, "{next} > max {max}");
+                prop_assert!(next >= min, "{next} < min {min}");
+                prop_assert!(!(load > 0.0 && next == 0), "zero while {load} requests are in flight or held");
+                replicas = next;
+            }
+        }
+
+        #[test]
+        fn constant_load_gives_a_constant_count(load in 1.0f64..400.0, target in 1u32..50) {
+            let replicas = simulate(function(1000, target), 1, &vec![load; 150]);
+            let settled = &replicas[60..];
+            prop_assert!(settled.iter().all(|r| *r == settled[0]), "flapping: {settled:?}");
+            let expected = (load / (f64::from(target) * 0.7)).ceil() as u32;
+            prop_assert_eq!(settled[0], expected);
+        }
+
+        #[test]
+        fn a_step_up_is_met_within_the_panic_window(low in 1.0f64..20.0, factor in 3.0f64..20.0, target in 1u32..20) {
+            let high = low * factor;
+            let mut loads = vec![low; 60];
+            loads.extend(vec![high; 10]);
+            let replicas = simulate(function(10_000, target), 1, &loads);
+            let needed = (high / (f64::from(target) * 0.7)).ceil() as u32;
+            // Panic window 6 s = 3 ticks, plus the tick that sees the step.
+            prop_assert!(replicas[60 + 3] >= needed, "after the step: {:?}, needed {needed}", &replicas[58..]);
+        }
+
+        #[test]
+        fn scale_down_is_no_faster_than_the_rate(high in 50.0f64..500.0, target in 1u32..10) {
+            let mut loads = vec![high; 40];
+            loads.extend(vec![0.5; 80]);
+            let replicas = simulate(function(10_000, target), 1, &loads);
+            for pair in replicas.windows(2) {
+                prop_assert!(f64::from(pair[1]) >= (f64::from(pair[0]) / 2.0).floor(), "{} -> {}", pair[0], pair[1]);
+            }
+        }
+    }
+}
