@@ -164,6 +164,7 @@ async fn operator(
             format!("--watch-namespace={ns}"),
             format!("--lease-namespace={ns}"),
             format!("--admin-address=127.0.0.1:{port}"),
+            "--autoscaler-address=127.0.0.1:0".into(),
             format!("--max-concurrent-reconciles={CONCURRENCY}"),
         ],
         env: vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],

@@ -23,6 +23,15 @@ pub struct OperatorArgs {
     #[arg(long, env = "TANDEM_ADMIN_ADDRESS", default_value = "0.0.0.0:9090")]
     pub admin_address: SocketAddr,
 
+    /// Address where gateways send demand and stats (`POST /v1/demand`,
+    /// `POST /v1/stats`) for the autoscaler.
+    #[arg(
+        long,
+        env = "TANDEM_AUTOSCALER_ADDRESS",
+        default_value = "0.0.0.0:9092"
+    )]
+    pub autoscaler_address: SocketAddr,
+
     /// Log format.
     #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
@@ -83,6 +92,11 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     tracing::info!(address = %listener.local_addr()?, "admin endpoint listening");
     tokio::spawn(admin::serve(listener, admin_state.clone()));
 
+    // Bound at once, served by the leader only: gateways may connect early.
+    let autoscaler_listener = tokio::net::TcpListener::bind(args.autoscaler_address)
+        .await
+        .with_context(|| format!("bind the autoscaler address {}", args.autoscaler_address))?;
+
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -129,6 +143,11 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         resync: args.resync,
         namespace: args.watch_namespace.clone(),
     };
+    tokio::spawn(crate::autoscaler::run::run(
+        client.clone(),
+        autoscaler_listener,
+        args.watch_namespace.clone(),
+    ));
     let ready = admin_state.clone();
     let controller = controller::run(
         client,

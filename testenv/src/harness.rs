@@ -89,6 +89,16 @@ fn start_environment() -> Result<Environment> {
     let echo = echo_program()?;
     let (control_plane, kubelet) = runtime.block_on(async {
         let control_plane = ControlPlane::start().await?;
+        // The kubelet's own log, for when a test needs to know why a pod
+        // did not become ready.
+        if let Ok(file) = std::fs::File::create(control_plane.dir.join("logs").join("kubelet.log"))
+        {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("info,testenv=debug")
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .try_init();
+        }
         let kubelet = ProcessKubelet::start(&control_plane, KubeletConfig::new(echo)).await?;
         anyhow::Ok((control_plane, kubelet))
     })?;

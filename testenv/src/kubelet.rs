@@ -435,6 +435,7 @@ async fn supervise_pod(
         }
         tokio::select! {
             ready = wait_ready(shared, pod, ip, &process) => {
+                tracing::debug!(pod = %name, %ip, ready, "readiness probe finished");
                 if ready && let Err(error) = patch_pod_status(shared, pod, ip, true, None).await {
                     tracing::warn!(%error, pod = %name, "report ready");
                 }

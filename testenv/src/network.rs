@@ -89,14 +89,21 @@ impl PodNetwork {
         Ipv4Addr::new(10, 244, self.slot, 1)
     }
 
-    /// The address of pod number `index` (0-based, up to 252).
+    /// The address of pod number `index` (0-based, up to 251).
     pub fn pod_ip(&self, index: u8) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, self.slot, index + 2)
     }
 
     /// Number of pod addresses available.
     pub fn capacity(&self) -> u8 {
-        253
+        252
+    }
+
+    /// A permanent address inside the namespace. Linux flushes every route
+    /// of an interface when its last IPv4 address goes, which would cut the
+    /// pod network off after scaling to zero; this one never goes.
+    fn anchor_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.slot, 254)
     }
 
     /// The pod CIDR.
@@ -127,6 +134,18 @@ impl PodNetwork {
         run("ip", &["link", "set", &host, "up"])?;
         run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
         run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/32", self.anchor_ip()),
+                "dev",
+                "eth0",
+            ],
+        )?;
         // Pod addresses are added one by one as /32; this route makes the whole
         // pod range reachable from each pod and the node reachable as gateway.
         run(

@@ -262,12 +262,13 @@ impl Autoscaler {
             if current == 0 {
                 wanted = wanted.max(p.initial_replicas);
             }
-            let lower = if may_be_zero {
+            if may_be_zero {
+                // Idle for the whole grace: zero, whatever the averages
+                // still remember of older load.
                 0
             } else {
-                p.min_replicas.max(1)
-            };
-            wanted.max(lower)
+                wanted.max(p.min_replicas.max(1))
+            }
         };
         let wanted = wanted
             .min(p.max_replicas)
@@ -359,10 +360,9 @@ mod tests {
         let mut loads = vec![5.0; 10];
         loads.extend(vec![0.0; 60]);
         let replicas = simulate(function(10, 10), 1, &loads);
-        // Busy until 20 s; zero is allowed from 80 s (index 39), once the
-        // stable window no longer holds the last busy sample (index 40).
+        // Busy until 20 s; zero from 80 s (index 39), 60 s later.
         assert!(replicas[..39].iter().all(|r| *r >= 1), "{replicas:?}");
-        assert_eq!(replicas[40], 0, "{replicas:?}");
+        assert_eq!(replicas[39], 0, "{replicas:?}");
         let mut a = Autoscaler::new(function(10, 10), Duration::ZERO);
         a.observe(
             Duration::from_secs(100),

@@ -1,7 +1,7 @@
-//! The autoscaler. So far: the pure scaling algorithm. The loop that feeds it
-//! the gateways' demand and stats and writes the `scale` subresource is the
-//! next step (see the project's issues).
+//! The autoscaler: a pure scaling algorithm ([`algorithm`]) and the loop in
+//! the operator that feeds it the gateways' demand and stats ([`run`]).
 
 pub mod algorithm;
+pub mod run;
 
 pub use algorithm::{Autoscaler, Observation, Reason, ScaleDecision, ScalingPolicy};

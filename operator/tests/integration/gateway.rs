@@ -158,8 +158,11 @@ impl FakeAutoscaler {
     }
 }
 
+/// A `tandem gateway` process (also used by other test modules).
+pub type GatewayHandle = Gateway;
+
 /// A `tandem gateway` process with a static routing file.
-struct Gateway {
+pub struct Gateway {
     process: ChildProcess,
     addr: SocketAddr,
     admin: SocketAddr,
@@ -178,12 +181,14 @@ impl Gateway {
     }
 
     /// A gateway whose routes come from the API server, as `kubeconfig`'s user.
-    async fn start_kubernetes(
+    pub async fn start_kubernetes(
         dir: &std::path::Path,
         kubeconfig: &std::path::Path,
         namespace: &str,
+        extra: &[String],
     ) -> Gateway {
-        let args = vec![format!("--namespace={namespace}")];
+        let mut args = vec![format!("--namespace={namespace}")];
+        args.extend(extra.iter().cloned());
         let env = vec![("KUBECONFIG".to_string(), kubeconfig.display().to_string())];
         Self::start_with(dir, dir.join("unused.yaml"), args, env).await
     }
@@ -243,7 +248,7 @@ impl Gateway {
         gateway
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
@@ -759,7 +764,7 @@ async fn routes_from_a_hybridapp_reach_its_pods_on_the_pod_network() {
 
     let dir = work_dir("pods");
     let kubeconfig = account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
-    let gateway = Gateway::start_kubernetes(&dir, &kubeconfig, &ns.name).await;
+    let gateway = Gateway::start_kubernetes(&dir, &kubeconfig, &ns.name, &[]).await;
     let client = client();
     let request = |path: &str| {
         http::Request::get(gateway.url(path))

@@ -4,4 +4,5 @@
 mod api;
 mod gateway;
 mod operator;
+mod scale;
 mod support;

@@ -69,6 +69,8 @@ pub struct OperatorProcess {
     pub admin: std::net::SocketAddr,
     /// Its log file.
     pub log: std::path::PathBuf,
+    /// Where gateways send demand and stats.
+    pub autoscaler: std::net::SocketAddr,
     /// Its identity in the Lease.
     pub identity: String,
 }
@@ -174,12 +176,31 @@ impl OperatorProcess {
         identity: &str,
         extra: &[&str],
     ) -> Self {
+        Self::start_at(namespace, kubeconfig, identity, extra, None).await
+    }
+
+    /// Like [`OperatorProcess::start`], with a given autoscaler address (a
+    /// restarted operator keeps the address its gateways know).
+    pub async fn start_at(
+        namespace: &str,
+        kubeconfig: &std::path::Path,
+        identity: &str,
+        extra: &[&str],
+        autoscaler: Option<std::net::SocketAddr>,
+    ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let admin: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let autoscaler_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let autoscaler: std::net::SocketAddr =
+            autoscaler.unwrap_or(([127, 0, 0, 1], autoscaler_port).into());
         let log = environment()
             .control_plane
             .dir
@@ -190,6 +211,7 @@ impl OperatorProcess {
             format!("--watch-namespace={namespace}"),
             format!("--lease-namespace={namespace}"),
             format!("--admin-address={admin}"),
+            format!("--autoscaler-address={autoscaler}"),
             format!("--identity={identity}"),
             "--lease-duration=6s".to_string(),
         ];
@@ -208,6 +230,7 @@ impl OperatorProcess {
         let operator = Self {
             process,
             admin,
+            autoscaler,
             log,
             identity: identity.into(),
         };

@@ -1,0 +1,250 @@
+//! Scale to and from zero end to end: the process kubelet, the operator and
+//! the gateway as real processes, under their own RBAC.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, PostParams};
+use serde_json::json;
+use tandem::api::{HybridApp, WorkloadState};
+use testenv::{TestNamespace, environment, wait_for};
+
+use crate::gateway::GatewayHandle;
+use crate::support::{OperatorProcess, account_kubeconfig, install_crd, operator_kubeconfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
+    install_crd().await;
+    let ns = TestNamespace::create("wake").await;
+    let operator =
+        OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
+    let app: HybridApp = serde_json::from_value(json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
+        "metadata": {"name": "fns"},
+        "spec": {
+            "workloads": [{"name": "thumbs", "mode": "Function", "port": 8080, "requestTimeout": "60s",
+                "scaling": {"scaleToZeroAfter": "10s", "targetConcurrency": 100},
+                "template": {"spec": {"terminationGracePeriodSeconds": 2, "containers": [{"name": "fn", "image": "example/thumbs:1",
+                    "env": [{"name": "ECHO_STARTUP_DELAY_MS", "value": "1000"}],
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}}],
+            "routes": [{"name": "thumbs", "match": {"pathPrefix": "/"}, "backends": [{"workload": "thumbs"}]}]
+        }
+    }))
+    .unwrap();
+    let apps: Api<HybridApp> = ns.api();
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    let state = || async {
+        let app = apps.get("fns").await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(
+            app.status
+                .and_then(|s| s.workloads.first().map(|w| w.state)),
+        )
+    };
+    wait_for(
+        "the function to start at zero",
+        Duration::from_secs(60),
+        || async {
+            match state().await? {
+                Some(WorkloadState::ScaledToZero) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    let dir = environment()
+        .control_plane
+        .dir
+        .join(format!("wake-{}", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway_kubeconfig =
+        account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
+    let gateway = GatewayHandle::start_kubernetes(
+        &dir,
+        &gateway_kubeconfig,
+        &ns.name,
+        &[format!("--operator-url=http://{}", operator.autoscaler)],
+    )
+    .await;
+
+    // 200 concurrent requests, GET and POST with bodies, each with its own id.
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let replies: Vec<(String, u16, String)> = futures::stream::iter(0..200)
+        .map(|i| {
+            let client = client.clone();
+            let id = format!("wake-{i}");
+            let request = if i % 2 == 0 {
+                http::Request::get(gateway.url(&format!("/thumb/{i}")))
+                    .header("x-request-id", &id)
+                    .body(Full::new(Bytes::new()))
+            } else {
+                http::Request::post(gateway.url("/upload"))
+                    .header("x-request-id", &id)
+                    .header("x-echo-body", "1")
+                    .body(Full::new(Bytes::from(format!("body of {id}"))))
+            }
+            .unwrap();
+            async move {
+                let response = client.request(request).await.expect("an answer");
+                let status = response.status().as_u16();
+                let body = String::from_utf8_lossy(
+                    &response.into_body().collect().await.unwrap().to_bytes(),
+                )
+                .into_owned();
+                (id, status, body)
+            }
+        })
+        .buffer_unordered(200)
+        .collect()
+        .await;
+    let failed: Vec<_> = replies
+        .iter()
+        .filter(|(_, status, _)| *status != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    for (id, _, body) in &replies {
+        assert!(body.contains(&format!("request-id={id} ")), "{id}: {body}");
+        if id.trim_start_matches("wake-").parse::<u32>().unwrap() % 2 == 1 {
+            assert!(
+                body.ends_with(&format!("body of {id}")),
+                "{id}: body lost: {body}"
+            );
+        }
+    }
+    // Every id reached a backend exactly once.
+    let pods = environment().running_pods(&ns.name);
+    assert!(!pods.is_empty());
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for pod in &pods {
+        for line in std::fs::read_to_string(&pod.log).unwrap().lines() {
+            if let Some(id) = line
+                .strip_prefix("request id=")
+                .and_then(|rest| rest.split(' ').next())
+            {
+                *seen.entry(id.to_string()).or_default() += 1;
+            }
+        }
+    }
+    for (id, _, _) in &replies {
+        assert_eq!(
+            seen.get(id).copied(),
+            Some(1),
+            "{id} reached the backends {:?} times",
+            seen.get(id)
+        );
+    }
+    let pids: Vec<u32> = pods.iter().map(|p| p.pid).collect();
+
+    // Idle for scaleToZeroAfter (10 s): back to zero, processes gone.
+    let deployments: Api<Deployment> = ns.api();
+    wait_for(
+        "the function back at zero",
+        Duration::from_secs(60),
+        || async {
+            let replicas = deployments
+                .get("fns-thumbs")
+                .await
+                .map_err(|e| e.to_string())?
+                .spec
+                .unwrap()
+                .replicas;
+            let state = state().await?;
+            if replicas == Some(0) && state == Some(WorkloadState::ScaledToZero) {
+                Ok(())
+            } else {
+                Err(format!("replicas {replicas:?}, state {state:?}"))
+            }
+        },
+    )
+    .await;
+    wait_for(
+        "the function's processes to stop",
+        Duration::from_secs(30),
+        || async {
+            let alive: Vec<&u32> = pids
+                .iter()
+                .filter(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+                .collect();
+            if alive.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{alive:?}"))
+            }
+        },
+    )
+    .await;
+    let log = operator.log_text();
+    assert!(
+        log.contains("ScaledFromZero") && log.contains("ScaledToZero"),
+        "{log}"
+    );
+    operator.assert_never_forbidden();
+
+    // The operator restarts while the function is at zero: the next request
+    // still wakes it (the gateway repeats its demand until someone listens).
+    operator.kill().await;
+    let restarted = OperatorProcess::start_at(
+        &ns.name,
+        &operator_kubeconfig_again(&ns.name).await,
+        "op-2",
+        &[],
+        Some(operator.autoscaler),
+    )
+    .await;
+    let request = http::Request::get(gateway.url("/after-restart"))
+        .header("x-request-id", "after-restart")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.expect("an answer");
+    if response.status() != 200 {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = ns.api();
+        let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = ns.api();
+        for pod in pods.list(&Default::default()).await.unwrap() {
+            eprintln!(
+                "pod {} status {:?}",
+                pod.metadata.name.unwrap(),
+                pod.status.map(|s| (s.phase, s.pod_ip, s.conditions))
+            );
+        }
+        for slice in slices.list(&Default::default()).await.unwrap() {
+            eprintln!(
+                "slice {} {:?}",
+                slice.metadata.name.unwrap(),
+                slice.endpoints
+            );
+        }
+    }
+    assert_eq!(response.status(), 200);
+    restarted.assert_never_forbidden();
+}
+
+/// A fresh token for the operator's ServiceAccount (the account exists).
+async fn operator_kubeconfig_again(namespace: &str) -> std::path::PathBuf {
+    let env = environment();
+    let client = env.client().await;
+    let token = testenv::service_account_token(&client, namespace, "tandem-operator", 3600)
+        .await
+        .unwrap();
+    let file = env
+        .control_plane
+        .dir
+        .join(format!("tandem-operator-{namespace}-2.kubeconfig"));
+    let user = format!("system:serviceaccount:{namespace}:tandem-operator");
+    std::fs::write(
+        &file,
+        env.control_plane.kubeconfig_for(&user, &token, namespace),
+    )
+    .unwrap();
+    file
+}
