@@ -97,6 +97,14 @@ pub async fn run(client: kube::Client, listener: TcpListener, namespace: Option<
                     Message::Stats(stats) => {
                         let now = started.elapsed();
                         let mut entries = shared.lock().expect("entries lock");
+                        // A report lists only workloads with traffic: every
+                        // other workload this gateway reported on is now idle
+                        // there (including one it sent demand for).
+                        for entry in entries.values_mut() {
+                            if let Some(report) = entry.reports.get_mut(&stats.gateway) {
+                                *report = (Instant::now(), 0, 0);
+                            }
+                        }
                         for workload in stats.workloads {
                             if let Some(entry) = entry_for(&mut entries, &apps, &workload.workload, now) {
                                 entry.reports.insert(stats.gateway.clone(), (Instant::now(), workload.in_flight, workload.held));
