@@ -140,6 +140,11 @@ async fn main() -> Result<()> {
     );
     let mut overheads = Vec::new();
     for run in 0..runs {
+        // Let the gateways' stats (every second) report the last request as
+        // done before forcing zero, as the autoscaler itself would only scale
+        // to zero after scaleToZeroAfter; otherwise a report still showing
+        // that request held would wake the Function again.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         // Put it at zero (as the autoscaler would) and wait until nothing runs.
         let zero = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "cold-fn"}, "spec": {"replicas": 0}});
         deployments
