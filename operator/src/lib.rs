@@ -12,3 +12,4 @@ pub mod leader;
 pub mod operator;
 pub mod protocol;
 pub mod telemetry;
+pub mod watch;

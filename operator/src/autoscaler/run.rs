@@ -13,7 +13,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -21,8 +20,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -63,10 +62,14 @@ pub async fn run(client: kube::Client, listener: TcpListener, namespace: Option<
         }
     };
     let (apps_api, deployments_api) = scoped(&client);
-    let apps = spawn_store(apps_api, watcher::Config::default());
-    let deployments = spawn_store(
+    // Caches only: the loop reads them on demand and at every tick.
+    let apps = crate::watch::spawn_cache(apps_api, watcher::Config::default(), |_| {
+        std::future::ready(())
+    });
+    let deployments = crate::watch::spawn_cache(
         deployments_api,
         watcher::Config::default().labels(&labels::managed_selector()),
+        |_| std::future::ready(()),
     );
     let recorder = Recorder::new(client.clone(), Reporter::from("tandem-autoscaler"));
     let started = Instant::now();
@@ -142,29 +145,6 @@ pub async fn run(client: kube::Client, listener: TcpListener, namespace: Option<
             }
         }
     }
-}
-
-fn spawn_store<K>(api: Api<K>, config: watcher::Config) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let events = reflector::reflector(writer, watcher(api, config)).default_backoff();
-    tokio::spawn(async move {
-        let mut events = std::pin::pin!(events);
-        while let Some(event) = events.next().await {
-            if let Err(error) = event {
-                tracing::warn!(%error, kind = %K::kind(&()), "autoscaler watch error; retrying");
-            }
-        }
-    });
-    store
 }
 
 /// The policy of a workload Tandem's autoscaler owns, from its HybridApp.

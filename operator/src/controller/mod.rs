@@ -23,12 +23,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::{HybridApp, HybridAppStatus, labels};
+use crate::watch::scoped;
 use children::WorkloadChildren;
 use metrics::ControllerMetrics;
 use status::Problem;
@@ -74,19 +75,6 @@ pub struct ControllerSettings {
     pub resync: Duration,
     /// Only this namespace (all when `None`).
     pub namespace: Option<String>,
-}
-
-fn scoped<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug,
-{
-    match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    }
 }
 
 /// Shared by every reconcile.
@@ -147,37 +135,32 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store();
-    let events = reflector::reflector(
-        writer,
-        watcher(scoped::<K>(client, namespace), config.clone()),
-    )
-    .default_backoff()
-    .touched_objects();
-    tokio::spawn(async move {
-        let mut events = std::pin::pin!(events);
-        while let Some(event) = events.next().await {
-            let child = match event {
-                Ok(child) => child,
-                Err(error) => {
-                    tracing::warn!(%error, kind = %K::kind(&()), "child watch");
-                    continue;
-                }
-            };
-            let namespace = child.meta().namespace.clone().unwrap_or_default();
-            for owner in child
-                .owner_references()
-                .iter()
-                .filter(|o| o.kind == "HybridApp" && o.controller == Some(true))
-            {
-                let owner = ObjectRef::new(&owner.name).within(&namespace);
-                if owners.send(owner).await.is_err() {
-                    return;
+    crate::watch::spawn_cache(
+        scoped::<K>(client, namespace),
+        config.clone(),
+        move |event| {
+            let owners = owners.clone();
+            async move {
+                let child = match event {
+                    watcher::Event::Apply(child)
+                    | watcher::Event::InitApply(child)
+                    | watcher::Event::Delete(child) => child,
+                    watcher::Event::Init | watcher::Event::InitDone => return,
+                };
+                let namespace = child.meta().namespace.clone().unwrap_or_default();
+                for owner in child
+                    .owner_references()
+                    .iter()
+                    .filter(|o| o.kind == "HybridApp" && o.controller == Some(true))
+                {
+                    // Fails only once the controller is gone (shutdown).
+                    let _ = owners
+                        .send(ObjectRef::new(&owner.name).within(&namespace))
+                        .await;
                 }
             }
-        }
-    });
-    store
+        },
+    )
 }
 
 /// Runs the reconciler until `shutdown` completes. Calls `on_synced` once
@@ -221,19 +204,7 @@ pub async fn run(
     });
     let synced_flag = context.synced.clone();
     tokio::spawn(async move {
-        // Poll rather than await the caches: a store's readiness signal does
-        // not reliably wake more than one waiter, and the controller's runner
-        // already waits on the HybridApp store.
-        async fn listed<K>(store: &Store<K>) -> bool
-        where
-            K: kube::runtime::reflector::Lookup + Clone + 'static,
-            K::DynamicType: Eq + std::hash::Hash + Clone,
-        {
-            matches!(
-                tokio::time::timeout(Duration::ZERO, store.wait_until_ready()).await,
-                Ok(Ok(()))
-            )
-        }
+        use crate::watch::listed;
         loop {
             if listed(&apps).await
                 && listed(&deployments).await

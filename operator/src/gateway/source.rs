@@ -12,11 +12,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use serde::Deserialize;
 use tokio::sync::{Notify, watch};
 
@@ -140,10 +139,10 @@ pub async fn run_kubernetes(
     loop {
         let mut all = true;
         for store in &app_stores {
-            all &= listed(store).await;
+            all &= crate::watch::listed(store).await;
         }
         for store in &slice_stores {
-            all &= listed(store).await;
+            all &= crate::watch::listed(store).await;
         }
         if all {
             break;
@@ -171,17 +170,6 @@ pub async fn run_kubernetes(
     }
 }
 
-async fn listed<K>(store: &Store<K>) -> bool
-where
-    K: kube::runtime::reflector::Lookup + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    matches!(
-        tokio::time::timeout(Duration::ZERO, store.wait_until_ready()).await,
-        Ok(Ok(()))
-    )
-}
-
 fn spawn_cache<K>(
     client: &kube::Client,
     namespace: Option<&str>,
@@ -197,23 +185,12 @@ where
         + Sync
         + 'static,
 {
-    let api: Api<K> = match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    };
-    let (store, writer) = reflector::store();
-    let events = reflector::reflector(writer, watcher(api, config)).default_backoff();
-    tokio::spawn(async move {
-        let mut events = std::pin::pin!(events);
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
-                // A bad object or a broken connection never stops the watch.
-                Err(error) => tracing::warn!(%error, kind = %K::kind(&()), "watch error; retrying"),
-            }
-        }
-    });
-    store
+    let api: Api<K> = crate::watch::scoped(client, namespace);
+    // Any event, a re-list included, may change the table.
+    crate::watch::spawn_cache(api, config, move |_| {
+        changed.notify_one();
+        std::future::ready(())
+    })
 }
 
 /// Ready endpoints per workload from EndpointSlices labelled by Tandem.
