@@ -19,7 +19,7 @@ pub mod network;
 pub mod process;
 
 pub use controlplane::ControlPlane;
-pub use harness::{Environment, TestNamespace, environment, wait_for};
+pub use harness::{Environment, TestNamespace, environment, wait_for, wait_for_crd};
 pub use kubelet::{KubeletConfig, ProcessKubelet, service_account_token};
 
 use base64::Engine;

@@ -319,7 +319,6 @@ async fn reports_build_start_and_memory_figures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_api_crds_install_on_request() {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let client = environment().client().await;
     let names = testenv::gateway_api::install(&client)
         .await
@@ -332,23 +331,5 @@ async fn gateway_api_crds_install_on_request() {
         names.contains(&"gateways.gateway.networking.k8s.io".to_string()),
         "{names:?}"
     );
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
-    wait_for("HTTPRoute to be established", WAIT, || async {
-        let crd = crds
-            .get("httproutes.gateway.networking.k8s.io")
-            .await
-            .map_err(|e| e.to_string())?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            Ok(())
-        } else {
-            Err("not established".into())
-        }
-    })
-    .await;
+    testenv::wait_for_crd(&client, "httproutes.gateway.networking.k8s.io", WAIT).await;
 }

@@ -180,6 +180,19 @@ impl Gateway {
         Self::start_with(dir, config_path, args, vec![]).await
     }
 
+    /// A gateway that sends every request to one AlwaysOn workload served by `backend`.
+    async fn in_front_of(dir: &std::path::Path, backend: &Echo) -> Gateway {
+        let routes =
+            json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
+        let workloads = vec![workload("web", "AlwaysOn", "30s")];
+        Self::start(
+            dir,
+            &config(workloads, routes, &[("web", vec![backend.addr])]),
+            &[],
+        )
+        .await
+    }
+
     /// A gateway whose routes come from the API server, as `kubeconfig`'s user.
     pub async fn start_kubernetes(
         dir: &std::path::Path,
@@ -619,18 +632,7 @@ async fn a_client_that_sends_its_head_slowly_is_cut_off() {
 async fn websockets_and_http2_pass_through() {
     let dir = work_dir("ws");
     let backend = Echo::start(&dir, "pod", 0).await;
-    let routes =
-        json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
-    let gateway = Gateway::start(
-        &dir,
-        &config(
-            vec![workload("web", "AlwaysOn", "30s")],
-            routes,
-            &[("web", vec![backend.addr])],
-        ),
-        &[],
-    )
-    .await;
+    let gateway = Gateway::in_front_of(&dir, &backend).await;
 
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gateway.addr))
         .await
@@ -665,18 +667,7 @@ async fn websockets_and_http2_pass_through() {
 async fn sigterm_lets_50_slow_requests_finish() {
     let dir = work_dir("drain");
     let backend = Echo::start(&dir, "pod", 0).await;
-    let routes =
-        json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
-    let gateway = Gateway::start(
-        &dir,
-        &config(
-            vec![workload("web", "AlwaysOn", "30s")],
-            routes,
-            &[("web", vec![backend.addr])],
-        ),
-        &[],
-    )
-    .await;
+    let gateway = Gateway::in_front_of(&dir, &backend).await;
     let client = client();
     let requests: Vec<_> = (0..50)
         .map(|i| {

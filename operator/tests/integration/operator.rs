@@ -45,6 +45,17 @@ fn app(name: &str, workloads: Vec<Value>) -> HybridApp {
     .unwrap()
 }
 
+/// An app with an AlwaysOn `web` and a Function `fn`, one route each.
+fn web_and_function(name: &str) -> HybridApp {
+    app(
+        name,
+        vec![
+            workload("web", "AlwaysOn", "1"),
+            workload("fn", "Function", "1"),
+        ],
+    )
+}
+
 async fn setup(prefix: &str) -> (TestNamespace, std::path::PathBuf) {
     install_crd().await;
     let ns = TestNamespace::create(prefix).await;
@@ -109,18 +120,9 @@ async fn reconciles_children_through_create_update_remove_and_delete() {
     let deployments: Api<Deployment> = ns.api();
     let services: Api<Service> = ns.api();
 
-    apps.create(
-        &PostParams::default(),
-        &app(
-            "shop",
-            vec![
-                workload("web", "AlwaysOn", "1"),
-                workload("fn", "Function", "1"),
-            ],
-        ),
-    )
-    .await
-    .unwrap();
+    apps.create(&PostParams::default(), &web_and_function("shop"))
+        .await
+        .unwrap();
     let ready = wait_ready(&apps, "shop").await;
     let status = ready.status.unwrap();
     let state: BTreeMap<String, WorkloadState> = status
@@ -234,18 +236,9 @@ async fn repairs_owned_fields_but_leaves_replicas_to_their_owner() {
     let apps: Api<HybridApp> = ns.api();
     let deployments: Api<Deployment> = ns.api();
     let services: Api<Service> = ns.api();
-    apps.create(
-        &PostParams::default(),
-        &app(
-            "edit",
-            vec![
-                workload("web", "AlwaysOn", "1"),
-                workload("fn", "Function", "1"),
-            ],
-        ),
-    )
-    .await
-    .unwrap();
+    apps.create(&PostParams::default(), &web_and_function("edit"))
+        .await
+        .unwrap();
     wait_ready(&apps, "edit").await;
 
     // Someone edits the image: reverted.
@@ -371,18 +364,9 @@ async fn steady_state_writes_nothing() {
     let (ns, kubeconfig) = setup("steady").await;
     let operator = OperatorProcess::start(&ns.name, &kubeconfig, "op-1", &["--resync=5s"]).await;
     let apps: Api<HybridApp> = ns.api();
-    apps.create(
-        &PostParams::default(),
-        &app(
-            "calm",
-            vec![
-                workload("web", "AlwaysOn", "1"),
-                workload("fn", "Function", "1"),
-            ],
-        ),
-    )
-    .await
-    .unwrap();
+    apps.create(&PostParams::default(), &web_and_function("calm"))
+        .await
+        .unwrap();
     wait_ready(&apps, "calm").await;
     // Let late watch events (pod readiness, endpoint updates) settle.
     tokio::time::sleep(Duration::from_secs(3)).await;

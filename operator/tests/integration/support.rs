@@ -23,25 +23,7 @@ pub async fn install_crd() {
             )
             .await
             .expect("the API server accepts the CRD (structural schema, CEL cost)");
-            wait_for(
-                "the HybridApp CRD to be established",
-                std::time::Duration::from_secs(30),
-                || async {
-                    let crd = crds.get(&name).await.map_err(|e| e.to_string())?;
-                    let established = crd
-                        .status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True");
-                    if established {
-                        Ok(())
-                    } else {
-                        Err("not established".into())
-                    }
-                },
-            )
-            .await;
+            testenv::wait_for_crd(&client, &name, std::time::Duration::from_secs(30)).await;
             // Discovery lags Established by a moment; wait until lists work.
             let apps: Api<HybridApp> = Api::all(client);
             wait_for(
