@@ -92,10 +92,13 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     tracing::info!(address = %listener.local_addr()?, "admin endpoint listening");
     tokio::spawn(admin::serve(listener, admin_state.clone()));
 
-    // Bound at once, served by the leader only: gateways may connect early.
+    // Bound at once; until this replica leads, it answers 503 so that a
+    // gateway sending to every replica is never kept waiting by a standby.
     let autoscaler_listener = tokio::net::TcpListener::bind(args.autoscaler_address)
         .await
         .with_context(|| format!("bind the autoscaler address {}", args.autoscaler_address))?;
+    let (lead_tx, lead_rx) = tokio::sync::oneshot::channel::<()>();
+    let standby = tokio::spawn(answer_as_standby(autoscaler_listener, lead_rx));
 
     let (stop_tx, stop) = watch::channel(false);
     tokio::spawn(async move {
@@ -143,6 +146,8 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         resync: args.resync,
         namespace: args.watch_namespace.clone(),
     };
+    let _ = lead_tx.send(());
+    let autoscaler_listener = standby.await.context("standby autoscaler endpoint")?;
     tokio::spawn(crate::autoscaler::run::run(
         client.clone(),
         autoscaler_listener,
@@ -173,6 +178,38 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Answers every autoscaler request with 503 until `lead` fires, then hands
+/// the listener back for the leader's autoscaler.
+async fn answer_as_standby(
+    listener: tokio::net::TcpListener,
+    mut lead: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::net::TcpListener {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    loop {
+        tokio::select! {
+            _ = &mut lead => return listener,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_request| async {
+                        hyper::Response::builder()
+                            .status(hyper::StatusCode::SERVICE_UNAVAILABLE)
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                b"standby: this replica does not hold the leader lease\n",
+                            )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(5))
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    }
 }
 
 fn identity(flag: Option<String>) -> String {

@@ -107,6 +107,7 @@ struct Shared {
     logs: PathBuf,
     host_ip: Ipv4Addr,
     pods: Mutex<HashMap<String, PodRuntime>>,
+    images: Mutex<Vec<ImageProgram>>,
     free_ips: Mutex<Vec<u8>>,
 }
 
@@ -131,6 +132,7 @@ impl ProcessKubelet {
             host_ip: control_plane.network.node_ip(),
             free_ips: Mutex::new((0..control_plane.network.capacity()).rev().collect()),
             pods: Mutex::new(HashMap::new()),
+            images: Mutex::new(config.images.clone()),
             config,
         });
         register_node(&shared).await?;
@@ -142,6 +144,14 @@ impl ProcessKubelet {
     pub fn pods(&self) -> Vec<RunningPod> {
         let pods = self.shared.pods.lock().expect("pods lock");
         pods.values().map(|p| p.pod.clone()).collect()
+    }
+
+    /// From now on, runs Pods whose image is `mapping.image` as its program
+    /// (replacing an earlier mapping of the same image).
+    pub fn map_image(&self, mapping: ImageProgram) {
+        let mut images = self.shared.images.lock().expect("images lock");
+        images.retain(|m| m.image != mapping.image);
+        images.push(mapping);
     }
 
     /// The node name.
@@ -611,6 +621,8 @@ async fn process_spec(
                 .unwrap_or_default(),
             (None, None) => String::new(),
         };
+        // Like the kubelet: $(NAME) refers to a variable defined before.
+        let value = expand(&value, &env);
         env.insert(var.name.clone(), value);
     }
     let port = container
@@ -620,7 +632,13 @@ async fn process_spec(
         .map(|p| p.container_port)
         .unwrap_or(8080);
 
-    let mapped = shared.config.images.iter().find(|m| m.image == image_name);
+    let mapped = shared
+        .images
+        .lock()
+        .expect("images lock")
+        .iter()
+        .find(|m| m.image == image_name)
+        .cloned();
     let (program, args) = match mapped {
         Some(mapped) => {
             let kubeconfig = service_account_kubeconfig(shared, pod).await?;
@@ -635,6 +653,7 @@ async fn process_spec(
                 .cloned()
                 .collect();
             args.extend(container.args.iter().flatten().cloned());
+            let args = args.iter().map(|a| expand(a, &env)).collect();
             (mapped.program.display().to_string(), args)
         }
         None => {
@@ -655,6 +674,40 @@ async fn process_spec(
         log: log.to_path_buf(),
         netns: Some(shared.network.namespace()),
     })
+}
+
+/// Kubernetes variable expansion in command, args and env values: `$(NAME)`
+/// becomes the variable's value when it is defined (left as written when
+/// not), and `$$` is an escaped `$`.
+pub fn expand(text: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(close) = inner.find(')')
+        {
+            let name = &inner[..close];
+            match env.get(name) {
+                Some(value) => out.push_str(value),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &inner[close + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn image_without_tag(image: &str) -> &str {
@@ -757,5 +810,31 @@ mod reqwest_like {
                 Ok(Some(true))
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_variables_like_the_kubelet() {
+        let env: BTreeMap<String, String> = [("POD_IP".to_string(), "10.244.1.7".to_string())]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            expand("--listen=$(POD_IP):8080", &env),
+            "--listen=10.244.1.7:8080"
+        );
+        assert_eq!(expand("$(MISSING)/x", &env), "$(MISSING)/x");
+        assert_eq!(expand("$$(POD_IP) $5 $(", &env), "$(POD_IP) $5 $(");
+        assert_eq!(expand("plain", &env), "plain");
+    }
+
+    #[test]
+    fn image_names_lose_tag_and_digest_only() {
+        assert_eq!(image_without_tag("ghcr.io/a/b:1.2"), "ghcr.io/a/b");
+        assert_eq!(image_without_tag("localhost:5000/b"), "localhost:5000/b");
+        assert_eq!(image_without_tag("b@sha256:abc"), "b");
     }
 }

@@ -41,13 +41,19 @@ mod tests {
     }
 
     #[test]
-    fn checked_in_crd_matches_the_types() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/hybridapp.yaml");
-        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            checked_in == crd_yaml(),
-            "crds/hybridapp.yaml is stale; regenerate it with: cargo run -p tandem -- crd > crds/hybridapp.yaml"
-        );
+    fn checked_in_crds_match_the_types() {
+        // The top-level copy and the Helm chart's copy are the same file.
+        for file in [
+            "../crds/hybridapp.yaml",
+            "../charts/tandem/crds/hybridapp.yaml",
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                checked_in == crd_yaml(),
+                "{file} is stale; regenerate both copies with: cargo run -p tandem -- crd > crds/hybridapp.yaml && cp crds/hybridapp.yaml charts/tandem/crds/"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,11 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use tokio::sync::watch;
 
 use super::proxy::Gateway;
 use super::table::WorkloadKey;
@@ -25,15 +30,91 @@ fn reference(key: &WorkloadKey) -> WorkloadRef {
     }
 }
 
+/// Where demand and stats go: the autoscaler base URLs, kept current.
+pub type Targets = watch::Receiver<Arc<Vec<String>>>;
+
+/// Fixed autoscaler URLs (`--operator-url`).
+pub fn fixed_targets(urls: Vec<String>) -> Targets {
+    watch::channel(Arc::new(urls)).1
+}
+
+/// The ready endpoints of the operator's Service (`--operator-service`),
+/// followed through its EndpointSlices. Only the leader acts on what it
+/// receives; a standby replica answers 503 at once, so sending to every
+/// ready replica costs nothing and survives a failover without a lookup.
+pub fn service_targets(client: kube::Client, namespace: &str, service: &str) -> Targets {
+    let (sender, receiver) = watch::channel(Arc::new(Vec::new()));
+    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let notify = changed.clone();
+    let store: Store<EndpointSlice> = crate::watch::spawn_cache(api, config, move |_| {
+        notify.notify_one();
+        std::future::ready(())
+    });
+    let service = service.to_string();
+    tokio::spawn(async move {
+        loop {
+            changed.notified().await;
+            let urls = autoscaler_urls(&store.state());
+            if **sender.borrow() != urls {
+                tracing::info!(service = %service, ?urls, "autoscaler endpoints changed");
+                sender.send_replace(Arc::new(urls));
+            }
+        }
+    });
+    receiver
+}
+
+/// `http://ip:port` of every ready endpoint, on the port named
+/// [`AUTOSCALER_PORT_NAME`] (or the slice's only port).
+pub fn autoscaler_urls(slices: &[Arc<EndpointSlice>]) -> Vec<String> {
+    let mut urls = Vec::new();
+    for slice in slices {
+        let ports = slice.ports.as_deref().unwrap_or_default();
+        let port = ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(AUTOSCALER_PORT_NAME))
+            .or(if ports.len() == 1 {
+                ports.first()
+            } else {
+                None
+            })
+            .and_then(|p| p.port);
+        let Some(port) = port else { continue };
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready);
+            if ready == Some(false) {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                let host = if address.contains(':') {
+                    format!("[{address}]")
+                } else {
+                    address.clone()
+                };
+                urls.push(format!("http://{host}:{port}"));
+            }
+        }
+    }
+    urls.sort();
+    urls.dedup();
+    urls
+}
+
+/// Name of the operator Service's port that the autoscaler listens on.
+pub const AUTOSCALER_PORT_NAME: &str = "autoscaler";
+
 /// Runs forever: demand at once when a request is held (and again every
 /// [`DEMAND_REPEAT`] while any is), stats every [`STATS_INTERVAL`].
-pub async fn run(gateway: Arc<Gateway>, targets: Vec<String>) {
-    if targets.is_empty() {
+pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
+    let Some(targets) = targets else {
         tracing::info!(
-            "no --operator-url: demand and stats are not sent (functions are not woken by this gateway)"
+            "neither --operator-url nor --operator-service: demand and stats are not sent (functions are not woken by this gateway)"
         );
         return;
-    }
+    };
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_millis(500)));
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
@@ -43,6 +124,7 @@ pub async fn run(gateway: Arc<Gateway>, targets: Vec<String>) {
             _ = gateway.demand.notified() => {}
             _ = tokio::time::sleep(DEMAND_REPEAT.min(STATS_INTERVAL)) => {}
         }
+        let targets = targets.borrow().clone();
         for (key, load) in gateway.loads() {
             let held = load.held.load(Ordering::Relaxed);
             if held > 0 {
@@ -101,4 +183,47 @@ async fn post_all<T: serde::Serialize>(
         }
     });
     futures::future::join_all(sends).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(value: serde_json::Value) -> Arc<EndpointSlice> {
+        Arc::new(serde_json::from_value(value).expect("an EndpointSlice"))
+    }
+
+    #[test]
+    fn autoscaler_urls_are_the_ready_endpoints_on_the_named_port() {
+        let slices = [
+            slice(serde_json::json!({
+                "metadata": {"name": "a"}, "addressType": "IPv4",
+                "ports": [{"name": "metrics", "port": 9090}, {"name": "autoscaler", "port": 9092}],
+                "endpoints": [
+                    {"addresses": ["10.0.0.2"], "conditions": {"ready": true}},
+                    {"addresses": ["10.0.0.3"], "conditions": {"ready": false}},
+                    {"addresses": ["10.0.0.4"]},
+                ],
+            })),
+            slice(serde_json::json!({
+                "metadata": {"name": "b"}, "addressType": "IPv6",
+                "ports": [{"port": 7000}],
+                "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": true}}],
+            })),
+            // Two ports, neither named autoscaler: not a guess.
+            slice(serde_json::json!({
+                "metadata": {"name": "c"}, "addressType": "IPv4",
+                "ports": [{"name": "x", "port": 1}, {"name": "y", "port": 2}],
+                "endpoints": [{"addresses": ["10.0.0.9"]}],
+            })),
+        ];
+        assert_eq!(
+            autoscaler_urls(&slices),
+            [
+                "http://10.0.0.2:9092",
+                "http://10.0.0.4:9092",
+                "http://[fd00::5]:7000"
+            ]
+        );
+    }
 }

@@ -60,6 +60,16 @@ pub struct GatewayArgs {
     )]
     pub operator_urls: Vec<String>,
 
+    /// The operator's Service (`NAMESPACE/NAME`): demand and stats go to its
+    /// ready endpoints on the port named `autoscaler`, found through its
+    /// EndpointSlices (no DNS or cluster IP needed).
+    #[arg(
+        long,
+        env = "TANDEM_OPERATOR_SERVICE",
+        conflicts_with = "operator_urls"
+    )]
+    pub operator_service: Option<String>,
+
     /// This replica's name in demand and stats messages (default: POD_NAME).
     #[arg(long, env = "TANDEM_GATEWAY_ID")]
     pub id: Option<String>,
@@ -108,6 +118,26 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
     tokio::spawn(admin::serve(admin_listener, admin_state.clone()));
 
     let (tables_tx, tables) = watch::channel(Arc::new(RoutingTable::default()));
+    let mut client = None;
+    if args.static_config.is_none() || args.operator_service.is_some() {
+        client = Some(
+            kube::Client::try_default()
+                .await
+                .context("connect to the Kubernetes API (KUBECONFIG or in-cluster)")?,
+        );
+    }
+    let targets = match (&args.operator_service, &client) {
+        (Some(service), Some(client)) => {
+            let (namespace, name) = service.split_once('/').with_context(|| {
+                format!("--operator-service {service}: expected NAMESPACE/NAME")
+            })?;
+            Some(demand::service_targets(client.clone(), namespace, name))
+        }
+        _ if !args.operator_urls.is_empty() => {
+            Some(demand::fixed_targets(args.operator_urls.clone()))
+        }
+        _ => None,
+    };
     let ready = admin_state.clone();
     let on_ready = move || ready.set_ready(true, "routing table built");
     match args.static_config.clone() {
@@ -115,9 +145,9 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             tokio::spawn(source::run_static(path, tables_tx, on_ready));
         }
         None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connect to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+            let client = client
+                .clone()
+                .expect("a client when there is no static config");
             tokio::spawn(source::run_kubernetes(
                 client,
                 args.namespaces.clone(),
@@ -133,7 +163,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| format!("gateway-{}", std::process::id()));
     let gateway = Arc::new(proxy::Gateway::new(&args, tables, metrics, id));
-    tokio::spawn(demand::run(gateway.clone(), args.operator_urls.clone()));
+    tokio::spawn(demand::run(gateway.clone(), targets));
 
     let listener = TcpListener::bind(args.listen)
         .await

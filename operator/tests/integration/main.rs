@@ -2,6 +2,7 @@
 //! One test binary (modules below) links faster than many.
 
 mod api;
+mod chart;
 mod gateway;
 mod operator;
 mod scale;
