@@ -422,7 +422,8 @@ pub struct HybridAppStatus {
     pub observed_generation: Option<i64>,
 
     /// `Ready`, `Progressing` and `Degraded` (plus `Reconciling` and
-    /// `Stalled`, following kstatus).
+    /// `Stalled`, following kstatus), and `Autoscaled`: the autoscaler's
+    /// latest decisions, or why it holds the current scale.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -488,19 +488,13 @@ fn owns_replicas(deployment: &Deployment) -> bool {
 /// autoscaler's manager applies the current value, so the field stays.
 async fn hand_over_replicas(deployments: &Api<Deployment>, live: &Deployment) -> Result<(), Error> {
     let replicas = live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let patch = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": live.metadata.name},
-        "spec": {"replicas": replicas},
-    });
-    deployments
-        .patch(
-            live.metadata.name.as_deref().unwrap_or_default(),
-            &PatchParams::apply(AUTOSCALER_MANAGER),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+    crate::autoscaler::run::apply_scale(
+        deployments,
+        live.metadata.name.as_deref().unwrap_or_default(),
+        replicas.max(0) as u32,
+        false,
+    )
+    .await?;
     Ok(())
 }
 
@@ -600,7 +594,15 @@ async fn update_status(
         .collect();
     let previous = app.status.as_ref();
     let next = status::compute(app, &deployments, problem, previous, Time(Timestamp::now()));
-    if previous == Some(&next) {
+    // The autoscaler's condition is its own (another field manager): it
+    // is neither compared nor written here.
+    let mine = previous.map(|p| {
+        let mut p = p.clone();
+        p.conditions
+            .retain(|c| c.type_ != crate::autoscaler::run::CONDITION);
+        p
+    });
+    if mine.as_ref() == Some(&next) {
         return Ok(());
     }
     let was_ready = is_ready(previous);

@@ -189,6 +189,24 @@ async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
         log.contains("ScaledFromZero") && log.contains("ScaledToZero"),
         "{log}"
     );
+    // The status says what the autoscaler decided last, with the numbers.
+    wait_for(
+        "the Autoscaled condition to report ScaledToZero",
+        Duration::from_secs(20),
+        || async {
+            let (status, reason, message) = autoscaled(&apps, "fns").await?;
+            if status == "True"
+                && reason == "ScaledToZero"
+                && message.contains("thumbs: ScaledToZero")
+                && message.contains("-> 0")
+            {
+                Ok(())
+            } else {
+                Err(format!("{status} {reason}: {message}"))
+            }
+        },
+    )
+    .await;
     operator.assert_never_forbidden();
 
     // The operator restarts while the function is at zero: the next request
@@ -227,6 +245,265 @@ async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
     }
     assert_eq!(response.status(), 200);
     restarted.assert_never_forbidden();
+}
+
+/// The `Autoscaled` condition of app `name`: status, reason, message.
+async fn autoscaled(apps: &Api<HybridApp>, name: &str) -> Result<(String, String, String), String> {
+    let app = apps.get(name).await.map_err(|e| e.to_string())?;
+    let condition = app
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Autoscaled")
+        .ok_or("no Autoscaled condition yet")?;
+    Ok((condition.status, condition.reason, condition.message))
+}
+
+/// Creates a one-Function app whose every path goes to workload `fn`, and
+/// starts an operator and a gateway (sending demand and stats to it).
+async fn function_behind_a_gateway(
+    ns: &TestNamespace,
+    name: &str,
+    scaling: serde_json::Value,
+) -> (OperatorProcess, GatewayHandle) {
+    let operator =
+        OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
+    let app: HybridApp = serde_json::from_value(json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
+        "metadata": {"name": name},
+        "spec": {
+            "workloads": [{"name": "fn", "mode": "Function", "port": 8080, "requestTimeout": "90s",
+                "scaling": scaling,
+                "template": {"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1",
+                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}}],
+            "routes": [{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]
+        }
+    }))
+    .unwrap();
+    let apps: Api<HybridApp> = ns.api();
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    let dir = environment()
+        .control_plane
+        .dir
+        .join(format!("{name}-{}", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway_kubeconfig =
+        account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
+    let gateway = GatewayHandle::start_kubernetes(
+        &dir,
+        &gateway_kubeconfig,
+        &ns.name,
+        &[format!("--operator-url=http://{}", operator.autoscaler)],
+    )
+    .await;
+    (operator, gateway)
+}
+
+async fn replicas(deployments: &Api<Deployment>, name: &str) -> Result<i32, String> {
+    deployments
+        .get(name)
+        .await
+        .map_err(|e| e.to_string())?
+        .spec
+        .and_then(|s| s.replicas)
+        .ok_or_else(|| "no replicas".to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_ramp_scales_up_to_load_over_target_and_back_down_when_it_stops() {
+    install_crd().await;
+    let ns = TestNamespace::create("ramp").await;
+    // 8 requests in flight at a target of 2 per replica (aimed at 70%):
+    // between 4 and 6 replicas.
+    let (operator, gateway) = function_behind_a_gateway(
+        &ns,
+        "ramp",
+        json!({"targetConcurrency": 2, "maxReplicas": 8, "scaleToZeroAfter": "10s"}),
+    )
+    .await;
+    let deployments: Api<Deployment> = ns.api();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    // Bounded: 8 workers, at most 240 requests of 250 ms each (60 s).
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let client = client.clone();
+            let stop = stop.clone();
+            let url = gateway.url(&format!("/work/{w}"));
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..240 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let request = http::Request::get(&url)
+                        .header("x-echo-delay-ms", "250")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    let response = client.request(request).await.expect("an answer");
+                    statuses.push(response.status().as_u16());
+                    let _ = response.into_body().collect().await;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let peak = wait_for(
+        "replicas to rise to about load / target concurrency",
+        Duration::from_secs(60),
+        || async {
+            let n = replicas(&deployments, "ramp-fn").await?;
+            assert!(n <= 8, "above maxReplicas: {n}");
+            if n >= 4 {
+                Ok(n)
+            } else {
+                Err(format!("{n} replicas"))
+            }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    for worker in workers {
+        statuses.extend(worker.await.unwrap());
+    }
+    assert!(statuses.len() >= 8, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "requests failed while scaling up: {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    let apps: Api<HybridApp> = ns.api();
+    wait_for(
+        "the ramp to come back down to zero after the stable window",
+        Duration::from_secs(180),
+        || async {
+            let n = replicas(&deployments, "ramp-fn").await?;
+            assert!(n <= 8, "above maxReplicas: {n}");
+            if n == 0 {
+                Ok(())
+            } else {
+                Err(format!("{n} replicas"))
+            }
+        },
+    )
+    .await;
+    // The rise came from decisions (at once from zero, or in steps).
+    let log = operator.log_text();
+    assert!(
+        log.contains("ScaledUp") || log.contains(&format!("to={peak}")),
+        "no decision reached {peak} replicas:\n{log}"
+    );
+    let (status, reason, _) = autoscaled(&apps, "ramp").await.unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "ScaledToZero"));
+    operator.assert_never_forbidden();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_vanishes_while_busy_never_lets_its_workload_go_to_zero() {
+    install_crd().await;
+    let ns = TestNamespace::create("vanish").await;
+    let (operator, gateway) = function_behind_a_gateway(
+        &ns,
+        "held",
+        json!({"targetConcurrency": 10, "scaleToZeroAfter": "10s"}),
+    )
+    .await;
+    let deployments: Api<Deployment> = ns.api();
+    let apps: Api<HybridApp> = ns.api();
+    // Three slow requests keep the function busy...
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let slow: Vec<_> = (0..3)
+        .map(|i| {
+            let request = http::Request::get(gateway.url(&format!("/slow/{i}")))
+                .header("x-echo-delay-ms", "60000")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let client = client.clone();
+            tokio::spawn(async move { client.request(request).await.map(|r| r.status()) })
+        })
+        .collect();
+    wait_for("the function to wake", Duration::from_secs(30), || async {
+        let n = replicas(&deployments, "held-fn").await?;
+        if n >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} replicas"))
+        }
+    })
+    .await;
+    // ...until the gateway has reported them in flight...
+    let running = || environment().running_pods(&ns.name);
+    wait_for(
+        "the slow requests to reach the backend",
+        Duration::from_secs(30),
+        || async {
+            let lines: usize = running()
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(&p.log)
+                        .unwrap_or_default()
+                        .matches("path=/slow/")
+                        .count()
+                })
+                .sum();
+            if lines == 3 {
+                Ok(())
+            } else {
+                Err(format!("{lines} of 3"))
+            }
+        },
+    )
+    .await;
+    // At least two stats reports carry them to the operator.
+    tokio::time::sleep(tandem::protocol::STATS_INTERVAL * 3).await;
+    // ...and then vanishes without a word (SIGKILL).
+    drop(gateway);
+    for request in slow {
+        request.abort();
+    }
+    let message = wait_for(
+        "the autoscaler to hold the workload and say why",
+        Duration::from_secs(30),
+        || async {
+            let (status, reason, message) = autoscaled(&apps, "held").await?;
+            if status == "False" && reason == "HoldingWithoutSignal" {
+                Ok(message)
+            } else {
+                Err(format!("{status} {reason}: {message}"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        message.contains("gw-test") && message.contains("holding fn at"),
+        "{message}"
+    );
+    // Past scaleToZeroAfter (10 s), the busy workload is still up.
+    for _ in 0..30 {
+        assert!(
+            replicas(&deployments, "held-fn").await.unwrap() >= 1,
+            "scaled a busy workload down while its signal was stale"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Once the gateway is taken for gone, the idle workload goes to zero.
+    wait_for(
+        "the workload to go to zero once the gateway is forgotten",
+        Duration::from_secs(120),
+        || async {
+            let n = replicas(&deployments, "held-fn").await?;
+            let (status, reason, _) = autoscaled(&apps, "held").await?;
+            if n == 0 && status == "True" {
+                Ok(())
+            } else {
+                Err(format!("{n} replicas, {status} {reason}"))
+            }
+        },
+    )
+    .await;
+    operator.assert_never_forbidden();
 }
 
 /// A fresh token for the operator's ServiceAccount (the account exists).
