@@ -22,23 +22,15 @@ use crate::support::{OperatorProcess, account_kubeconfig, install_crd, operator_
 async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
     install_crd().await;
     let ns = TestNamespace::create("wake").await;
-    let operator =
-        OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
-    let app: HybridApp = serde_json::from_value(json!({
-        "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
-        "metadata": {"name": "fns"},
-        "spec": {
-            "workloads": [{"name": "thumbs", "mode": "Function", "port": 8080, "requestTimeout": "60s",
-                "scaling": {"scaleToZeroAfter": "10s", "targetConcurrency": 100},
-                "template": {"spec": {"terminationGracePeriodSeconds": 2, "containers": [{"name": "fn", "image": "example/thumbs:1",
-                    "env": [{"name": "ECHO_STARTUP_DELAY_MS", "value": "1000"}],
-                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}}],
-            "routes": [{"name": "thumbs", "match": {"pathPrefix": "/"}, "backends": [{"workload": "thumbs"}]}]
-        }
-    }))
-    .unwrap();
+    // The backend takes 1 s to start.
+    let (operator, gateway) = function_behind_a_gateway(
+        &ns,
+        "fns",
+        json!({"scaleToZeroAfter": "10s", "targetConcurrency": 100}),
+        json!([{"name": "ECHO_STARTUP_DELAY_MS", "value": "1000"}]),
+    )
+    .await;
     let apps: Api<HybridApp> = ns.api();
-    apps.create(&PostParams::default(), &app).await.unwrap();
     let state = || async {
         let app = apps.get("fns").await.map_err(|e| e.to_string())?;
         Ok::<_, String>(
@@ -55,21 +47,6 @@ async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
                 other => Err(format!("{other:?}")),
             }
         },
-    )
-    .await;
-
-    let dir = environment()
-        .control_plane
-        .dir
-        .join(format!("wake-{}", ns.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gateway_kubeconfig =
-        account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
-    let gateway = GatewayHandle::start_kubernetes(
-        &dir,
-        &gateway_kubeconfig,
-        &ns.name,
-        &[format!("--operator-url=http://{}", operator.autoscaler)],
     )
     .await;
 
@@ -153,7 +130,7 @@ async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
         Duration::from_secs(60),
         || async {
             let replicas = deployments
-                .get("fns-thumbs")
+                .get("fns-fn")
                 .await
                 .map_err(|e| e.to_string())?
                 .spec
@@ -197,7 +174,7 @@ async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
             let (status, reason, message) = autoscaled(&apps, "fns").await?;
             if status == "True"
                 && reason == "ScaledToZero"
-                && message.contains("thumbs: ScaledToZero")
+                && message.contains("fn: ScaledToZero")
                 && message.contains("-> 0")
             {
                 Ok(())
@@ -266,6 +243,7 @@ async fn function_behind_a_gateway(
     ns: &TestNamespace,
     name: &str,
     scaling: serde_json::Value,
+    env: serde_json::Value,
 ) -> (OperatorProcess, GatewayHandle) {
     let operator =
         OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
@@ -275,7 +253,7 @@ async fn function_behind_a_gateway(
         "spec": {
             "workloads": [{"name": "fn", "mode": "Function", "port": 8080, "requestTimeout": "90s",
                 "scaling": scaling,
-                "template": {"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1",
+                "template": {"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1", "env": env,
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}}],
             "routes": [{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]
         }
@@ -320,6 +298,7 @@ async fn a_load_ramp_scales_up_to_load_over_target_and_back_down_when_it_stops()
         &ns,
         "ramp",
         json!({"targetConcurrency": 2, "maxReplicas": 8, "scaleToZeroAfter": "10s"}),
+        json!([]),
     )
     .await;
     let deployments: Api<Deployment> = ns.api();
@@ -408,6 +387,7 @@ async fn a_gateway_that_vanishes_while_busy_never_lets_its_workload_go_to_zero()
         &ns,
         "held",
         json!({"targetConcurrency": 10, "scaleToZeroAfter": "10s"}),
+        json!([]),
     )
     .await;
     let deployments: Api<Deployment> = ns.api();
