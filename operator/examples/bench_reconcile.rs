@@ -22,7 +22,8 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
 use kube::CustomResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use serde_json::json;
 use tandem::api::HybridApp;
 use tandem::controller::children;
@@ -182,6 +183,34 @@ async fn operator(
     }
 
     let apps: Api<HybridApp> = Api::namespaced(client.clone(), ns);
+    // Converged apps are followed with one watch: polling with lists would
+    // load the API server (the bottleneck here) far more than the operator.
+    let (converged_tx, mut converged) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let follower = tokio::spawn({
+        let apps = apps.clone();
+        async move {
+            let events = kube::runtime::watcher(apps, Default::default())
+                .default_backoff()
+                .applied_objects();
+            let mut events = std::pin::pin!(events);
+            while let Some(Ok(app)) = events.next().await {
+                let status = app.status.as_ref();
+                let done = status.and_then(|s| s.observed_generation) == app.metadata.generation
+                    && status.is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                    });
+                if done
+                    && converged_tx
+                        .send(app.metadata.name.unwrap_or_default())
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
     let start = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -194,29 +223,17 @@ async fn operator(
         .buffer_unordered(CONCURRENCY)
         .try_collect::<Vec<_>>()
         .await?;
-    loop {
-        let list = apps.list(&ListParams::default()).await?;
-        let done = list
-            .items
-            .iter()
-            .filter(|a| {
-                let status = a.status.as_ref();
-                status.and_then(|s| s.observed_generation) == a.metadata.generation
-                    && status.is_some_and(|s| {
-                        s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                    })
-            })
-            .count();
-        if done == n {
-            break;
+    let mut done = BTreeSet::new();
+    while done.len() < n {
+        let left = Duration::from_secs(900).saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, converged.recv()).await {
+            Ok(Some(name)) => {
+                done.insert(name);
+            }
+            _ => bail!("only {} of {n} apps converged after 900s", done.len()),
         }
-        if start.elapsed() > Duration::from_secs(900) {
-            bail!("only {done} of {n} apps converged after 900s");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    follower.abort();
     let took = start.elapsed();
     process.terminate(Duration::from_secs(10)).await;
     Ok(took)
