@@ -1,6 +1,5 @@
 //! Choosing a backend by weight and an endpoint by load.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -22,20 +21,34 @@ pub fn pick_weighted<T>(items: &[(T, u32)], roll: u32) -> Option<&T> {
 /// so a table swap does not forget the load.
 #[derive(Default)]
 pub struct EndpointLoads {
-    loads: RwLock<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    loads: RwLock<super::table::FastMap<SocketAddr, Arc<Endpoint>>>,
+}
+
+/// One endpoint: its requests in flight, and its address as a URI authority
+/// (made once, not per request).
+struct Endpoint {
+    in_flight: AtomicUsize,
+    authority: http::uri::Authority,
 }
 
 /// Holds one unit of an endpoint's load until dropped.
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    /// The endpoint's `ip:port` as a URI authority.
+    pub fn authority(&self) -> http::uri::Authority {
+        self.0.authority.clone()
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl EndpointLoads {
-    fn counter(&self, endpoint: SocketAddr) -> Arc<AtomicUsize> {
+    fn counter(&self, endpoint: SocketAddr) -> Arc<Endpoint> {
         if let Some(counter) = self.loads.read().expect("loads lock").get(&endpoint) {
             return counter.clone();
         }
@@ -43,13 +56,21 @@ impl EndpointLoads {
             .write()
             .expect("loads lock")
             .entry(endpoint)
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(Endpoint {
+                    in_flight: AtomicUsize::new(0),
+                    authority: endpoint
+                        .to_string()
+                        .parse()
+                        .expect("a socket address is a valid authority"),
+                })
+            })
             .clone()
     }
 
     /// Requests in flight to `endpoint`.
     pub fn load(&self, endpoint: SocketAddr) -> usize {
-        self.counter(endpoint).load(Ordering::Relaxed)
+        self.counter(endpoint).in_flight.load(Ordering::Relaxed)
     }
 
     /// Power of two choices: of two distinct random endpoints, the one with
@@ -70,7 +91,7 @@ impl EndpointLoads {
             }
         };
         let counter = self.counter(chosen);
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.in_flight.fetch_add(1, Ordering::Relaxed);
         Some((chosen, InFlight(counter)))
     }
 
@@ -79,7 +100,9 @@ impl EndpointLoads {
         self.loads
             .write()
             .expect("loads lock")
-            .retain(|addr, counter| live.contains(addr) || counter.load(Ordering::Relaxed) > 0);
+            .retain(|addr, counter| {
+                live.contains(addr) || counter.in_flight.load(Ordering::Relaxed) > 0
+            });
     }
 }
 

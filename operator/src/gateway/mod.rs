@@ -27,6 +27,9 @@ use crate::operator::{parse_duration, shutdown_signal};
 use crate::telemetry::LogFormat;
 use table::RoutingTable;
 
+/// The number of headers hyper accepts unless told otherwise.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// Flags of `tandem gateway`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayArgs {
@@ -238,8 +241,12 @@ async fn accept(
         .timer(TokioTimer::new())
         .header_read_timeout(args.header_read_timeout)
         .max_buf_size(args.max_header_bytes.max(8192))
-        .max_headers(args.max_headers)
         .keep_alive(true);
+    // hyper's own limit is 100 headers, parsed into a stack array; any other
+    // limit makes it allocate and zero a buffer for every request.
+    if args.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+        builder.http1().max_headers(args.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -6,7 +6,6 @@
 //! (answered by hyper), 502 upstream failed, 503 with Retry-After when no
 //! endpoint can take the request, 504 when the deadline passes.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -72,7 +71,7 @@ pub struct Gateway {
     loads: Arc<EndpointLoads>,
     client: Client<HttpConnector, Body>,
     connect_timeout: Duration,
-    workloads: Arc<RwLock<HashMap<WorkloadKey, Arc<WorkloadLoad>>>>,
+    workloads: Arc<RwLock<super::table::FastMap<WorkloadKey, Arc<WorkloadLoad>>>>,
     /// Wakes the demand sender when a workload gets its first held request.
     pub demand: Arc<Notify>,
     metrics: GatewayMetrics,
@@ -211,35 +210,35 @@ impl Gateway {
     pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let table = self.tables.borrow().clone();
-        let host = request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| request.uri().authority().map(|a| a.as_str().to_string()));
-        let Some(route) = table
-            .route(
-                host.as_deref(),
+        let route = {
+            let host = request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| request.uri().authority().map(|a| a.as_str()));
+            match table.route(
+                host,
                 request.uri().path(),
                 request.method(),
                 request.headers(),
-            )
-            .cloned()
-        else {
-            self.metrics.request_without_route();
-            return Failure::new(
-                StatusCode::NOT_FOUND,
-                Origin::Client,
-                format!(
-                    "no route for host {} and path {}",
-                    host.as_deref().unwrap_or("(none)"),
-                    request.uri().path()
-                ),
-            )
-            .response();
+            ) {
+                Some(route) => route.clone(),
+                None => {
+                    self.metrics.request_without_route();
+                    return Failure::new(
+                        StatusCode::NOT_FOUND,
+                        Origin::Client,
+                        format!(
+                            "no route for host {} and path {}",
+                            host.unwrap_or("(none)"),
+                            request.uri().path()
+                        ),
+                    )
+                    .response();
+                }
+            }
         };
-        let Some(key) =
-            pick_weighted(&route.backends, fastrand::u32(0..route.total_weight.max(1))).cloned()
+        let Some(key) = pick_weighted(&route.backends, fastrand::u32(0..route.total_weight.max(1)))
         else {
             return Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -249,7 +248,7 @@ impl Gateway {
             .retry_after(1)
             .response();
         };
-        let Some(target) = table.workload(&key).cloned() else {
+        let Some(target) = table.workload(key).cloned() else {
             return Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Origin::Gateway,
@@ -413,8 +412,8 @@ impl Gateway {
         let path = parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         parts.version = http::Version::HTTP_11;
 
         // Only a request that never reached an endpoint (connect failed) is
@@ -427,17 +426,24 @@ impl Gateway {
             other => other,
         };
         let mut body = Some(body);
-        let mut tried = Vec::new();
+        let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let candidates: Vec<SocketAddr> = target
-                .endpoints
-                .iter()
-                .copied()
-                .filter(|e| !tried.contains(e))
-                .collect();
+            // The first attempt picks from every endpoint without copying.
+            let remaining: Vec<SocketAddr>;
+            let candidates: &[SocketAddr] = if tried.is_empty() {
+                &target.endpoints
+            } else {
+                remaining = target
+                    .endpoints
+                    .iter()
+                    .copied()
+                    .filter(|e| !tried.contains(e))
+                    .collect();
+                &remaining
+            };
             let Some((endpoint, in_flight)) = self
                 .loads
-                .pick(&candidates, (fastrand::usize(..), fastrand::usize(..)))
+                .pick(candidates, (fastrand::usize(..), fastrand::usize(..)))
             else {
                 return Err(Failure::new(
                     StatusCode::BAD_GATEWAY,
@@ -446,13 +452,18 @@ impl Gateway {
                 ));
             };
             tried.push(endpoint);
-            let uri: Uri = format!("http://{endpoint}{path}").parse().map_err(|_| {
-                Failure::new(
-                    StatusCode::BAD_REQUEST,
-                    Origin::Client,
-                    "request target cannot be forwarded",
-                )
-            })?;
+            let uri = Uri::builder()
+                .scheme(http::uri::Scheme::HTTP)
+                .authority(in_flight.authority())
+                .path_and_query(path.clone())
+                .build()
+                .map_err(|_| {
+                    Failure::new(
+                        StatusCode::BAD_REQUEST,
+                        Origin::Client,
+                        "request target cannot be forwarded",
+                    )
+                })?;
             let request_body = match body.take().expect("body present") {
                 Forward::Buffered(bytes) => {
                     body = Some(Forward::Buffered(bytes.clone()));
@@ -639,6 +650,17 @@ fn clone_parts(parts: &http::request::Parts, uri: Uri) -> http::request::Parts {
 
 /// Removes hop-by-hop headers (keeping an upgrade), and adds the forwarding
 /// headers and a request id.
+/// 32 random hex digits, without going through a formatter.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let bits = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((bits >> (4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+}
+
 pub fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, upgrade: Option<&HeaderValue>) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -669,10 +691,7 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, upgrade: Optio
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
     if !headers.contains_key("x-request-id") {
-        let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-        if let Ok(value) = HeaderValue::from_str(&id) {
-            headers.insert("x-request-id", value);
-        }
+        headers.insert("x-request-id", request_id());
     }
 }
 

@@ -9,6 +9,10 @@
 //! that order whose methods and headers match wins.
 
 use std::collections::{BTreeMap, HashMap};
+
+/// A hash map with a fast, non-cryptographic hasher, for per-request lookups
+/// of keys the gateway built itself.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -145,9 +149,9 @@ pub fn method_name(method: Method) -> &'static str {
 /// Immutable routing snapshot.
 #[derive(Debug, Default)]
 pub struct RoutingTable {
-    by_host: HashMap<String, Vec<Arc<CompiledRoute>>>,
+    by_host: FastMap<String, Vec<Arc<CompiledRoute>>>,
     any_host: Vec<Arc<CompiledRoute>>,
-    workloads: HashMap<WorkloadKey, Arc<WorkloadTarget>>,
+    workloads: FastMap<WorkloadKey, Arc<WorkloadTarget>>,
 }
 
 impl RoutingTable {
