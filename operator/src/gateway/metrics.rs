@@ -132,7 +132,7 @@ impl GatewayMetrics {
 pub struct WorkloadMetrics {
     key: WorkloadKey,
     requests: Family<RequestLabels, Counter>,
-    by_route: std::sync::RwLock<HashMap<String, HashMap<u16, Counter>>>,
+    by_route: std::sync::RwLock<super::table::FastMap<String, HashMap<u16, Counter>>>,
     /// Time to the response head, cold wait included.
     pub latency: Histogram,
     /// Requests in flight to its endpoints.
