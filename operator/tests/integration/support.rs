@@ -7,6 +7,14 @@ use tandem::api::HybridApp;
 use testenv::{environment, wait_for};
 use tokio::sync::OnceCell;
 
+/// Lines of a Tandem log where the API server refused a request (kube
+/// reports `... is forbidden: ...` with `code: 403`).
+pub fn refusals(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("code: 403") || l.to_lowercase().contains("forbidden"))
+        .collect()
+}
+
 /// Installs the HybridApp CRD once per test binary and waits until it is served.
 pub async fn install_crd() {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
@@ -270,10 +278,7 @@ impl OperatorProcess {
     /// Fails if the operator ever got a 403 from the API server.
     pub fn assert_never_forbidden(&self) {
         let log = self.log_text();
-        let forbidden: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains(" 403") || l.to_lowercase().contains("forbidden"))
-            .collect();
+        let forbidden = refusals(&log);
         assert!(
             forbidden.is_empty(),
             "the operator was refused by RBAC:\n{}",
