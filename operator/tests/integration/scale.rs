@@ -167,23 +167,11 @@ async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
         "{log}"
     );
     // The status says what the autoscaler decided last, with the numbers.
-    wait_for(
-        "the Autoscaled condition to report ScaledToZero",
-        Duration::from_secs(20),
-        || async {
-            let (status, reason, message) = autoscaled(&apps, "fns").await?;
-            if status == "True"
-                && reason == "ScaledToZero"
-                && message.contains("fn: ScaledToZero")
-                && message.contains("-> 0")
-            {
-                Ok(())
-            } else {
-                Err(format!("{status} {reason}: {message}"))
-            }
-        },
-    )
-    .await;
+    let message = wait_for_autoscaled(&apps, "fns", "True", "ScaledToZero").await;
+    assert!(
+        message.contains("fn: ScaledToZero") && message.contains("-> 0"),
+        "{message}"
+    );
     operator.assert_never_forbidden();
 
     // The operator restarts while the function is at zero: the next request
@@ -235,6 +223,30 @@ async fn autoscaled(apps: &Api<HybridApp>, name: &str) -> Result<(String, String
         .find(|c| c.type_ == "Autoscaled")
         .ok_or("no Autoscaled condition yet")?;
     Ok((condition.status, condition.reason, condition.message))
+}
+
+/// Waits until the `Autoscaled` condition of app `name` has this status and
+/// reason (it is written at the autoscaler's tick after a decision); returns
+/// its message.
+async fn wait_for_autoscaled(
+    apps: &Api<HybridApp>,
+    name: &str,
+    wanted_status: &str,
+    wanted_reason: &str,
+) -> String {
+    wait_for(
+        &format!("the Autoscaled condition of {name} to be {wanted_status} {wanted_reason}"),
+        Duration::from_secs(30),
+        || async {
+            let (status, reason, message) = autoscaled(apps, name).await?;
+            if status == wanted_status && reason == wanted_reason {
+                Ok(message)
+            } else {
+                Err(format!("{status} {reason}: {message}"))
+            }
+        },
+    )
+    .await
 }
 
 /// Creates a one-Function app whose every path goes to workload `fn`, and
@@ -374,8 +386,7 @@ async fn a_load_ramp_scales_up_to_load_over_target_and_back_down_when_it_stops()
         log.contains("ScaledUp") || log.contains(&format!("to={peak}")),
         "no decision reached {peak} replicas:\n{log}"
     );
-    let (status, reason, _) = autoscaled(&apps, "ramp").await.unwrap();
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "ScaledToZero"));
+    wait_for_autoscaled(&apps, "ramp", "True", "ScaledToZero").await;
     operator.assert_never_forbidden();
 }
 
@@ -443,19 +454,7 @@ async fn a_gateway_that_vanishes_while_busy_never_lets_its_workload_go_to_zero()
     for request in slow {
         request.abort();
     }
-    let message = wait_for(
-        "the autoscaler to hold the workload and say why",
-        Duration::from_secs(30),
-        || async {
-            let (status, reason, message) = autoscaled(&apps, "held").await?;
-            if status == "False" && reason == "HoldingWithoutSignal" {
-                Ok(message)
-            } else {
-                Err(format!("{status} {reason}: {message}"))
-            }
-        },
-    )
-    .await;
+    let message = wait_for_autoscaled(&apps, "held", "False", "HoldingWithoutSignal").await;
     assert!(
         message.contains("gw-test") && message.contains("holding fn at"),
         "{message}"
