@@ -236,7 +236,7 @@ async fn wait_for_autoscaled(
 ) -> String {
     wait_for(
         &format!("the Autoscaled condition of {name} to be {wanted_status} {wanted_reason}"),
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             let (status, reason, message) = autoscaled(apps, name).await?;
             if status == wanted_status && reason == wanted_reason {
@@ -415,7 +415,7 @@ async fn a_gateway_that_vanishes_while_busy_never_lets_its_workload_go_to_zero()
             tokio::spawn(async move { client.request(request).await.map(|r| r.status()) })
         })
         .collect();
-    wait_for("the function to wake", Duration::from_secs(30), || async {
+    wait_for("the function to wake", Duration::from_secs(60), || async {
         let n = replicas(&deployments, "held-fn").await?;
         if n >= 1 {
             Ok(())
@@ -428,7 +428,7 @@ async fn a_gateway_that_vanishes_while_busy_never_lets_its_workload_go_to_zero()
     let running = || environment().running_pods(&ns.name);
     wait_for(
         "the slow requests to reach the backend",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || async {
             let lines: usize = running()
                 .iter()
@@ -439,7 +439,7 @@ async fn a_gateway_that_vanishes_while_busy_never_lets_its_workload_go_to_zero()
                         .count()
                 })
                 .sum();
-            if lines == 3 {
+            if lines >= 3 {
                 Ok(())
             } else {
                 Err(format!("{lines} of 3"))
