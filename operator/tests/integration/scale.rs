@@ -129,15 +129,9 @@ async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
         "the function back at zero",
         Duration::from_secs(60),
         || async {
-            let replicas = deployments
-                .get("fns-fn")
-                .await
-                .map_err(|e| e.to_string())?
-                .spec
-                .unwrap()
-                .replicas;
+            let replicas = replicas(&deployments, "fns-fn").await?;
             let state = state().await?;
-            if replicas == Some(0) && state == Some(WorkloadState::ScaledToZero) {
+            if replicas == 0 && state == Some(WorkloadState::ScaledToZero) {
                 Ok(())
             } else {
                 Err(format!("replicas {replicas:?}, state {state:?}"))
