@@ -95,6 +95,25 @@ impl EndpointLoads {
         Some((chosen, InFlight(counter)))
     }
 
+    /// [`Self::pick`] among the endpoints not in `tried` (a retry after a
+    /// failed connection); the first attempt picks without copying.
+    pub fn pick_untried(
+        &self,
+        endpoints: &[SocketAddr],
+        tried: &[SocketAddr],
+    ) -> Option<(SocketAddr, InFlight)> {
+        let rolls = (fastrand::usize(..), fastrand::usize(..));
+        if tried.is_empty() {
+            return self.pick(endpoints, rolls);
+        }
+        let untried: Vec<SocketAddr> = endpoints
+            .iter()
+            .copied()
+            .filter(|e| !tried.contains(e))
+            .collect();
+        self.pick(&untried, rolls)
+    }
+
     /// Forgets endpoints that are gone and idle.
     pub fn retain(&self, live: &std::collections::HashSet<SocketAddr>) {
         self.loads

@@ -4,6 +4,7 @@
 
 pub mod balance;
 pub mod demand;
+pub mod h1;
 pub mod metrics;
 pub mod proxy;
 pub mod source;
@@ -15,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -26,9 +27,6 @@ use crate::admin::{self, AdminState};
 use crate::operator::{parse_duration, shutdown_signal};
 use crate::telemetry::LogFormat;
 use table::RoutingTable;
-
-/// The number of headers hyper accepts unless told otherwise.
-const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// Flags of `tandem gateway`.
 #[derive(clap::Args, Debug, Clone)]
@@ -235,24 +233,31 @@ async fn accept(
     args: &GatewayArgs,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(args.header_read_timeout)
-        .max_buf_size(args.max_header_bytes.max(8192))
-        .keep_alive(true);
-    // hyper's own limit is 100 headers, parsed into a stack array; any other
-    // limit makes it allocate and zero a buffer for every request.
-    if args.max_headers != HYPER_DEFAULT_MAX_HEADERS {
-        builder.http1().max_headers(args.max_headers);
-    }
-    builder
-        .http2()
+    let limits = Arc::new(h1::Limits {
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        header_read_timeout: args.header_read_timeout,
+    });
+    let pool = Arc::new(h1::pool::Pool::default());
+    let sweeper = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(h1::pool::IDLE_TIMEOUT / 4);
+            loop {
+                every.tick().await;
+                pool.sweep();
+            }
+        })
+    };
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(args.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let graceful = GracefulShutdown::new();
+    let (stop_tx, stop) = watch::channel(false);
+    // One clone per open HTTP/1 connection: the drain waits for the count.
+    let open = Arc::new(());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -267,25 +272,107 @@ async fn accept(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let gateway = gateway.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let gateway = gateway.clone();
-            async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (gateway, pool, limits, stop, open) = (
+            gateway.clone(),
+            pool.clone(),
+            limits.clone(),
+            stop.clone(),
+            open.clone(),
+        );
+        let (http2, watcher) = (http2.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _ = connection.await;
+            let ended = h1::serve(&gateway, &pool, &limits, stream, peer, stop).await;
+            drop(open);
+            if let h1::Ended::Http2(stream, read) = ended {
+                let service = hyper::service::service_fn(move |request| {
+                    let gateway = gateway.clone();
+                    async move { Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await) }
+                });
+                let connection =
+                    http2.serve_connection(TokioIo::new(Rewind::new(read, stream)), service);
+                let _ = watcher.watch(connection).await;
+            }
         });
     }
     drop(listener);
+    sweeper.abort();
     tracing::info!(grace = ?args.shutdown_grace, "draining in-flight requests");
-    if tokio::time::timeout(args.shutdown_grace, graceful.shutdown())
+    let _ = stop_tx.send(true);
+    let http1_drained = async {
+        while Arc::strong_count(&open) > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let drained = futures::future::join(graceful.shutdown(), http1_drained);
+    if tokio::time::timeout(args.shutdown_grace, drained)
         .await
         .is_err()
     {
         tracing::warn!("grace period over; closing the remaining connections");
+    }
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first.
+struct Rewind {
+    read: bytes::Bytes,
+    stream: tokio::net::TcpStream,
+}
+
+impl Rewind {
+    fn new(read: bytes::Bytes, stream: tokio::net::TcpStream) -> Self {
+        Self { read, stream }
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }

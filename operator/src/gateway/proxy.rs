@@ -24,7 +24,7 @@ use tokio::sync::{Notify, watch};
 use super::GatewayArgs;
 use super::balance::{EndpointLoads, pick_weighted};
 use super::metrics::GatewayMetrics;
-use super::table::{RoutingTable, WorkloadKey, WorkloadTarget};
+use super::table::{CompiledRoute, HeaderLookup, RoutingTable, WorkloadKey, WorkloadTarget};
 use crate::api::Mode;
 
 /// Error type of bodies.
@@ -68,29 +68,47 @@ pub struct WorkloadLoad {
 /// Shared state of the gateway.
 pub struct Gateway {
     tables: watch::Receiver<Arc<RoutingTable>>,
-    loads: Arc<EndpointLoads>,
+    pub(super) loads: Arc<EndpointLoads>,
     client: Client<HttpConnector, Body>,
-    connect_timeout: Duration,
+    pub(super) connect_timeout: Duration,
     workloads: Arc<RwLock<super::table::FastMap<WorkloadKey, Arc<WorkloadLoad>>>>,
     /// Wakes the demand sender when a workload gets its first held request.
     pub demand: Arc<Notify>,
     metrics: GatewayMetrics,
     max_held_requests: u64,
-    max_held_body_bytes: usize,
-    max_body_bytes: usize,
+    pub(super) max_held_body_bytes: usize,
+    pub(super) max_body_bytes: usize,
     /// This replica's name in protocol messages.
     pub id: String,
 }
 
-struct Failure {
-    status: StatusCode,
+/// Why a request gets an error response, and where the error came from.
+pub(super) struct Failure {
+    pub(super) status: StatusCode,
     origin: Origin,
     message: String,
     retry_after: Option<u64>,
 }
 
+/// Where one request goes: its route, the workload picked by weight, and
+/// that workload's counters.
+pub(super) struct Resolved {
+    pub(super) route: Arc<CompiledRoute>,
+    pub(super) target: Arc<WorkloadTarget>,
+    pub(super) load: Arc<WorkloadLoad>,
+}
+
+impl Resolved {
+    /// Counts the answer in the workload's metrics.
+    pub(super) fn observe(&self, status: StatusCode, started: Instant) {
+        self.load
+            .metrics
+            .observe(&self.route.name, status, started.elapsed());
+    }
+}
+
 impl Failure {
-    fn new(status: StatusCode, origin: Origin, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, origin: Origin, message: impl Into<String>) -> Self {
         Self {
             status,
             origin,
@@ -99,9 +117,29 @@ impl Failure {
         }
     }
 
-    fn retry_after(mut self, seconds: u64) -> Self {
+    pub(super) fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self
+    }
+
+    /// The response as HTTP/1.1 bytes, appended to `out`.
+    pub(super) fn write_http1(&self, close: bool, out: &mut Vec<u8>) {
+        use std::io::Write as _;
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-tandem-error: {}\r\ncontent-length: {}\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            self.origin.as_str(),
+            self.message.len() + 1,
+        );
+        if let Some(seconds) = self.retry_after {
+            let _ = write!(out, "retry-after: {seconds}\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        let _ = write!(out, "\r\n{}\n", self.message);
     }
 
     fn response(self) -> Response<Body> {
@@ -126,7 +164,7 @@ fn full(body: impl Into<Bytes>) -> Body {
 
 // Header names as constants: a `&str` name is parsed and hashed again on
 // every lookup, which showed up in profiles of the request path.
-const HOP_BY_HOP: [HeaderName; 8] = [
+pub(super) const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -136,9 +174,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
 ];
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(super) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes the hop-by-hop headers, looking them up only when one is there.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -220,65 +258,75 @@ impl Gateway {
             .collect()
     }
 
-    /// Serves one request; never fails (errors become responses).
-    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let started = Instant::now();
-        let table = self.tables.borrow().clone();
-        let route = {
-            let host = request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| request.uri().authority().map(|a| a.as_str()));
-            match table.route(
-                host,
-                request.uri().path(),
-                request.method(),
-                request.headers(),
-            ) {
-                Some(route) => route.clone(),
-                None => {
-                    self.metrics.request_without_route();
-                    return Failure::new(
-                        StatusCode::NOT_FOUND,
-                        Origin::Client,
-                        format!(
-                            "no route for host {} and path {}",
-                            host.unwrap_or("(none)"),
-                            request.uri().path()
-                        ),
-                    )
-                    .response();
-                }
-            }
+    /// The route, workload and counters for a request, or why there is none.
+    pub(super) fn resolve(
+        &self,
+        host: Option<&str>,
+        path: &str,
+        method: &str,
+        headers: &(impl HeaderLookup + ?Sized),
+    ) -> Result<Resolved, Failure> {
+        let table = self.tables.borrow();
+        let Some(route) = table.route(host, path, method, headers) else {
+            self.metrics.request_without_route();
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                Origin::Client,
+                format!(
+                    "no route for host {} and path {path}",
+                    host.unwrap_or("(none)")
+                ),
+            ));
         };
         let Some(key) = pick_weighted(&route.backends, fastrand::u32(0..route.total_weight.max(1)))
         else {
-            return Failure::new(
+            return Err(Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Origin::Gateway,
                 "the route has no backend with a weight above 0",
             )
-            .retry_after(1)
-            .response();
+            .retry_after(1));
         };
         let Some(target) = table.workload(key).cloned() else {
-            return Failure::new(
+            return Err(Failure::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Origin::Gateway,
                 format!("workload {key} is not known yet"),
             )
-            .retry_after(1)
-            .response();
+            .retry_after(1));
         };
+        let route = route.clone();
         drop(table);
         let load = self.load_of(&target.key);
-        let response = match self.serve(request, peer, &target, &load, started).await {
+        Ok(Resolved {
+            route,
+            target,
+            load,
+        })
+    }
+
+    /// Serves one request; never fails (errors become responses).
+    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
+        let resolved = match self.resolve(
+            host,
+            request.uri().path(),
+            request.method().as_str(),
+            request.headers(),
+        ) {
+            Ok(resolved) => resolved,
+            Err(failure) => return failure.response(),
+        };
+        let response = match self.serve(request, peer, &resolved, started).await {
             Ok(response) => response,
             Err(failure) => failure.response(),
         };
-        load.metrics
-            .observe(&route.name, response.status(), started.elapsed());
+        resolved.observe(response.status(), started);
         response
     }
 
@@ -286,93 +334,128 @@ impl Gateway {
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
-        target: &Arc<WorkloadTarget>,
-        load: &Arc<WorkloadLoad>,
+        resolved: &Resolved,
         started: Instant,
     ) -> Result<Response<Body>, Failure> {
-        let deadline = started + target.request_timeout;
+        let deadline = started + resolved.target.request_timeout;
         let declared = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
-            return Err(Failure::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Origin::Client,
-                format!("request body is larger than {} bytes", self.max_body_bytes),
-            ));
-        }
-        load.requests.fetch_add(1, Ordering::Relaxed);
-
-        let mut target = target.clone();
+        self.admit(resolved, declared)?;
         let (parts, body) = request.into_parts();
-        let body: Forward = if target.endpoints.is_empty() {
-            if target.mode != Mode::Function {
-                return Err(Failure::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Origin::Gateway,
-                    format!("always-on workload {} has no ready endpoint", target.key),
-                )
-                .retry_after(1));
-            }
-            // Cold path: hold the request (bounded), buffer its body (capped),
-            // tell the autoscaler, and wait for an endpoint.
-            let held = Held::enter(load, self.max_held_requests).ok_or_else(|| {
-                Failure::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Origin::Gateway,
-                    format!("too many requests waiting for {} to start", target.key),
-                )
-                .retry_after(1)
-            })?;
-            if held.first {
-                load.metrics.cold_starts.inc();
-            }
-            self.demand.notify_one();
-            let bytes = if declared.is_some_and(|n| n > self.max_held_body_bytes as u64) {
-                None
-            } else {
-                Limited::new(body, self.max_held_body_bytes)
+        let (target, body) = if resolved.target.endpoints.is_empty() {
+            let limit = self.max_held_body_bytes;
+            let collect = async move {
+                Limited::new(body, limit)
                     .collect()
                     .await
-                    .ok()
                     .map(|c| c.to_bytes())
+                    .map_err(|_| self.held_body_too_large(&resolved.target))
             };
-            let Some(bytes) = bytes else {
-                return Err(Failure::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Origin::Client,
-                    format!(
-                        "{} is starting and a request held meanwhile may carry at most {} bytes",
-                        target.key, self.max_held_body_bytes
-                    ),
-                ));
-            };
-            let waited = Instant::now();
-            target = self
-                .wait_for_endpoint(&target.key, deadline)
-                .await
-                .ok_or_else(|| {
-                    Failure::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        Origin::Upstream,
-                        format!(
-                            "{} did not become ready within {:?}",
-                            target.key, target.request_timeout
-                        ),
-                    )
-                })?;
-            drop(held);
-            load.metrics
-                .cold_wait
-                .observe(waited.elapsed().as_secs_f64());
-            Forward::Buffered(bytes)
+            let (target, bytes) = self.hold(resolved, declared, deadline, collect).await?;
+            (target, Forward::Buffered(bytes))
         } else {
-            Forward::Streaming(body)
+            (resolved.target.clone(), Forward::Streaming(body))
         };
-        self.forward(parts, body, peer, &target, load, deadline)
+        self.forward(parts, body, peer, &target, &resolved.load, deadline)
             .await
+    }
+
+    /// Checks a request's declared body size and counts it for the autoscaler.
+    pub(super) fn admit(&self, resolved: &Resolved, declared: Option<u64>) -> Result<(), Failure> {
+        if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
+            return Err(self.body_too_large());
+        }
+        resolved.load.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) fn body_too_large(&self) -> Failure {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Origin::Client,
+            format!("request body is larger than {} bytes", self.max_body_bytes),
+        )
+    }
+
+    pub(super) fn held_body_too_large(&self, target: &WorkloadTarget) -> Failure {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Origin::Client,
+            format!(
+                "{} is starting and a request held meanwhile may carry at most {} bytes",
+                target.key, self.max_held_body_bytes
+            ),
+        )
+    }
+
+    /// The cold path: a request for a workload with no ready endpoint waits
+    /// in its bounded queue with its body (read by `body`, capped) while the
+    /// autoscaler is told, until an endpoint is ready or `deadline` passes.
+    /// Returns the workload with its endpoints and the body.
+    pub(super) async fn hold(
+        &self,
+        resolved: &Resolved,
+        declared: Option<u64>,
+        deadline: Instant,
+        body: impl Future<Output = Result<Bytes, Failure>>,
+    ) -> Result<(Arc<WorkloadTarget>, Bytes), Failure> {
+        let (target, load) = (&resolved.target, &resolved.load);
+        if target.mode != Mode::Function {
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Origin::Gateway,
+                format!("always-on workload {} has no ready endpoint", target.key),
+            )
+            .retry_after(1));
+        }
+        let held = Held::enter(load, self.max_held_requests).ok_or_else(|| {
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Origin::Gateway,
+                format!("too many requests waiting for {} to start", target.key),
+            )
+            .retry_after(1)
+        })?;
+        if held.first {
+            load.metrics.cold_starts.inc();
+        }
+        self.demand.notify_one();
+        if declared.is_some_and(|n| n > self.max_held_body_bytes as u64) {
+            return Err(self.held_body_too_large(target));
+        }
+        let bytes = tokio::time::timeout_at(deadline.into(), body)
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Origin::Client,
+                    "the request body did not arrive before the request's deadline",
+                )
+            })??;
+        let waited = Instant::now();
+        let ready = self
+            .wait_for_endpoint(&target.key, deadline)
+            .await
+            .ok_or_else(|| self.not_ready_in_time(target))?;
+        drop(held);
+        load.metrics
+            .cold_wait
+            .observe(waited.elapsed().as_secs_f64());
+        Ok((ready, bytes))
+    }
+
+    fn not_ready_in_time(&self, target: &WorkloadTarget) -> Failure {
+        Failure::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            Origin::Upstream,
+            format!(
+                "{} did not become ready within {:?}",
+                target.key, target.request_timeout
+            ),
+        )
     }
 
     /// Waits until the table lists a ready endpoint for `key`, or `deadline`.
@@ -442,22 +525,7 @@ impl Gateway {
         let mut body = Some(body);
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            // The first attempt picks from every endpoint without copying.
-            let remaining: Vec<SocketAddr>;
-            let candidates: &[SocketAddr] = if tried.is_empty() {
-                &target.endpoints
-            } else {
-                remaining = target
-                    .endpoints
-                    .iter()
-                    .copied()
-                    .filter(|e| !tried.contains(e))
-                    .collect();
-                &remaining
-            };
-            let Some((endpoint, in_flight)) = self
-                .loads
-                .pick(candidates, (fastrand::usize(..), fastrand::usize(..)))
+            let Some((endpoint, in_flight)) = self.loads.pick_untried(&target.endpoints, &tried)
             else {
                 return Err(Failure::new(
                     StatusCode::BAD_GATEWAY,
@@ -524,11 +592,7 @@ impl Gateway {
                         .and_then(|s| s.downcast_ref::<http_body_util::LengthLimitError>())
                         .is_some();
                     if limit {
-                        return Err(Failure::new(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            Origin::Client,
-                            format!("request body is larger than {} bytes", self.max_body_bytes),
-                        ));
+                        return Err(self.body_too_large());
                     }
                     return Err(Failure::new(
                         StatusCode::BAD_GATEWAY,
@@ -578,10 +642,10 @@ impl Gateway {
 }
 
 /// One request in flight to a workload, until its response body ends.
-struct Serving(Arc<WorkloadLoad>);
+pub(super) struct Serving(Arc<WorkloadLoad>);
 
 impl Serving {
-    fn start(load: &Arc<WorkloadLoad>) -> Self {
+    pub(super) fn start(load: &Arc<WorkloadLoad>) -> Self {
         load.in_flight.fetch_add(1, Ordering::Relaxed);
         load.metrics.in_flight.inc();
         Self(load.clone())
@@ -660,19 +724,19 @@ fn clone_parts(parts: &http::request::Parts, uri: Uri) -> http::request::Parts {
     copy
 }
 
-/// Removes hop-by-hop headers (keeping an upgrade), and adds the forwarding
-/// headers and a request id.
-/// 32 random hex digits, without going through a formatter.
-fn request_id() -> HeaderValue {
+/// A new request id: 32 random hex digits, without going through a formatter.
+pub(super) fn request_id() -> [u8; 32] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = [0u8; 32];
     let bits = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
     for (i, digit) in id.iter_mut().enumerate() {
         *digit = HEX[((bits >> (4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+    id
 }
 
+/// Removes hop-by-hop headers (keeping an upgrade), and adds the forwarding
+/// headers and a request id.
 pub fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, upgrade: Option<&HeaderValue>) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -701,7 +765,10 @@ pub fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, upgrade: Optio
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID, request_id());
+        headers.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_bytes(&request_id()).expect("hex digits are a valid header value"),
+        );
     }
 }
 

@@ -116,18 +116,32 @@ impl CompiledRoute {
     }
 
     /// Whether the request's method and headers satisfy this route.
-    pub fn accepts(&self, method: &http::Method, headers: &http::HeaderMap) -> bool {
-        (self.methods.is_empty()
-            || self
-                .methods
+    pub fn accepts(&self, method: &str, headers: &(impl HeaderLookup + ?Sized)) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| method_name(*m) == method))
+            && self
+                .headers
                 .iter()
-                .any(|m| method_name(*m) == method.as_str()))
-            && self.headers.iter().all(|(name, value)| {
-                headers
-                    .get_all(name.as_str())
-                    .iter()
-                    .any(|v| v.as_bytes() == value.as_bytes())
-            })
+                .all(|(name, value)| headers.has(name, value.as_bytes()))
+    }
+}
+
+/// The request headers a route's conditions look at, however the request
+/// was parsed.
+pub trait HeaderLookup {
+    /// Whether a header `name` (lowercase) has exactly `value`.
+    fn has(&self, name: &str, value: &[u8]) -> bool;
+}
+
+impl HeaderLookup for http::HeaderMap {
+    fn has(&self, name: &str, value: &[u8]) -> bool {
+        self.get_all(name).iter().any(|v| v.as_bytes() == value)
+    }
+}
+
+impl HeaderLookup for [httparse::Header<'_>] {
+    fn has(&self, name: &str, value: &[u8]) -> bool {
+        self.iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name) && h.value == value)
     }
 }
 
@@ -258,8 +272,8 @@ impl RoutingTable {
         &self,
         host: Option<&str>,
         path: &str,
-        method: &http::Method,
-        headers: &http::HeaderMap,
+        method: &str,
+        headers: &(impl HeaderLookup + ?Sized),
     ) -> Option<&Arc<CompiledRoute>> {
         let candidates = host
             .map(normalize_host)
@@ -349,7 +363,7 @@ mod tests {
             );
         }
         table
-            .route(host, path, &method.parse().unwrap(), &map)
+            .route(host, path, method, &map)
             .map(|r| r.name.as_str())
     }
 
@@ -523,18 +537,18 @@ mod tests {
                 .map(|(i, m)| json!({"name": format!("r{i}"), "match": m, "backends": [{"workload": "a"}]}))
                 .collect();
             let t = RoutingTable::build(&[app("ns", "x", &[], json!(routes))], &HashMap::new());
-            let method: http::Method = if post { http::Method::POST } else { http::Method::GET };
+            let method = if post { "POST" } else { "GET" };
             let mut headers = http::HeaderMap::new();
             if header {
                 headers.insert("x-h", "1".parse().unwrap());
             }
             // Brute force: every route that matches, and the best specificity among them.
-            let all: Vec<&Arc<CompiledRoute>> = t.any_host.iter().filter(|r| r.path.matches(&path) && r.accepts(&method, &headers)).collect();
-            let chosen = t.route(Some("h"), &path, &method, &headers);
+            let all: Vec<&Arc<CompiledRoute>> = t.any_host.iter().filter(|r| r.path.matches(&path) && r.accepts(method, &headers)).collect();
+            let chosen = t.route(Some("h"), &path, method, &headers);
             match (all.iter().map(|r| r.specificity()).min(), chosen) {
                 (None, None) => {}
                 (Some(best), Some(chosen)) => {
-                    prop_assert!(chosen.path.matches(&path) && chosen.accepts(&method, &headers));
+                    prop_assert!(chosen.path.matches(&path) && chosen.accepts(method, &headers));
                     prop_assert!(chosen.specificity() == best, "chose {} over a more specific route", chosen.name);
                 }
                 (best, chosen) => prop_assert!(false, "best {:?}, chosen {:?}", best.is_some(), chosen.map(|c| &c.name)),
