@@ -929,3 +929,309 @@ impl Drop for ApiForwarder {
         self.cut();
     }
 }
+
+/// A scripted HTTP/1.1 upstream on loopback: records every request it reads
+/// (head and body as sent) and answers by path. `/chunked`: a chunked body
+/// with a trailer; `/until-close`: a body delimited by closing; `/drop`:
+/// closes without answering when the request arrives on a connection that
+/// already carried one; otherwise a fixed-length body naming the path.
+struct ScriptedUpstream {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ScriptedUpstream {
+    async fn start() -> ScriptedUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = ScriptedUpstream {
+            addr: listener.local_addr().unwrap(),
+            requests: Arc::default(),
+            connections: Arc::default(),
+        };
+        let (requests, connections) = (upstream.requests.clone(), upstream.connections.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(Self::connection(stream, requests.clone()));
+            }
+        });
+        upstream
+    }
+
+    async fn connection(mut stream: tokio::net::TcpStream, requests: Arc<Mutex<Vec<String>>>) {
+        let mut buf = Vec::new();
+        for served in 0.. {
+            let (text, rest) = loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                    let lower = head.to_ascii_lowercase();
+                    let body_end = if lower.contains("transfer-encoding: chunked") {
+                        buf[end + 4..]
+                            .windows(5)
+                            .position(|w| w == b"0\r\n\r\n")
+                            .map(|p| end + 4 + p + 5)
+                    } else {
+                        let length = lower
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .map_or(0, |n| n.trim().parse::<usize>().unwrap());
+                        (buf.len() >= end + 4 + length).then_some(end + 4 + length)
+                    };
+                    if let Some(body_end) = body_end {
+                        let text = String::from_utf8_lossy(&buf[..body_end]).into_owned();
+                        break (text, buf[body_end..].to_vec());
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            buf = rest;
+            let path = text.split(' ').nth(1).unwrap_or("").to_string();
+            requests.lock().unwrap().push(text);
+            let reply = match path.as_str() {
+                "/drop" if served > 0 => return,
+                "/chunked" => "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                               5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: 1\r\n\r\n"
+                    .to_string(),
+                "/until-close" => {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\n\r\nevery byte until the end")
+                        .await;
+                    return;
+                }
+                _ => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nkeep-alive: timeout=60\r\n\r\n{path}",
+                    path.len()
+                ),
+            };
+            if stream.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Sends `wire` on a new connection and reads until the gateway closes it.
+async fn exchange_raw(gateway: SocketAddr, wire: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(gateway).await.unwrap();
+    stream.write_all(wire).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut reply))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_framing_passes_through_exactly() {
+    let dir = work_dir("framing");
+    let upstream = ScriptedUpstream::start().await;
+    let routes =
+        json!([{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(
+            vec![workload("web", "AlwaysOn", "30s")],
+            routes,
+            &[("web", vec![upstream.addr])],
+        ),
+        &[],
+    )
+    .await;
+    let addr = gateway.addr;
+
+    // Two pipelined requests: two answers, in order, on one connection.
+    let reply = exchange_raw(
+        addr,
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (first, second) = (reply.find("\r\n\r\n/first"), reply.find("\r\n\r\n/second"));
+    assert!(first.is_some() && first < second, "{reply}");
+    assert!(reply.contains("connection: close\r\n"), "{reply}");
+    assert!(
+        !reply.to_ascii_lowercase().contains("keep-alive: timeout"),
+        "hop-by-hop header passed on: {reply}"
+    );
+
+    // A chunked request body reaches the upstream chunk for chunk.
+    let body = "4\r\nwiki\r\n5;note=x\r\npedia\r\n0\r\n\r\n";
+    let reply = exchange_raw(
+        addr,
+        format!("POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}").as_bytes(),
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    let seen = upstream.requests();
+    let upload = seen
+        .iter()
+        .find(|r| r.starts_with("POST /upload "))
+        .unwrap();
+    assert!(
+        upload
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked\r\n"),
+        "{upload}"
+    );
+    assert!(upload.ends_with(&format!("\r\n\r\n{body}")), "{upload}");
+    assert!(
+        upload.contains("x-forwarded-for: 127.0.0.1\r\n"),
+        "{upload}"
+    );
+
+    // A chunked response goes to an HTTP/1.1 client as it is, to an
+    // HTTP/1.0 client decoded and delimited by closing.
+    let reply = exchange_raw(
+        addr,
+        b"GET /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        reply.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: 1\r\n\r\n"),
+        "{reply}"
+    );
+    let reply = exchange_raw(addr, b"GET /chunked HTTP/1.0\r\nHost: a\r\n\r\n").await;
+    assert!(reply.ends_with("\r\n\r\nhello world"), "{reply}");
+    assert!(
+        !reply.to_ascii_lowercase().contains("transfer-encoding"),
+        "{reply}"
+    );
+
+    // A body delimited by the upstream closing: the client connection closes too.
+    let reply = exchange_raw(addr, b"GET /until-close HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(
+        reply.ends_with("\r\n\r\nevery byte until the end"),
+        "{reply}"
+    );
+
+    // Ambiguous framing (request smuggling) is refused, and never forwarded.
+    let before = upstream.requests().len();
+    let reply = exchange_raw(
+        addr,
+        b"POST /smuggle HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    assert!(reply.contains("x-tandem-error: client\r\n"), "{reply}");
+    assert_eq!(upstream.requests().len(), before);
+
+    // Expect: 100-continue is answered before the client sends its body.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"PUT /expect HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut interim))
+        .await
+        .expect("100 Continue without the body")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").await.unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    let put = upstream
+        .requests()
+        .into_iter()
+        .find(|r| r.starts_with("PUT /expect "))
+        .unwrap();
+    assert!(
+        put.ends_with("\r\n\r\nhello") && !put.to_ascii_lowercase().contains("expect:"),
+        "{put}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_a_closed_one_is_retried_only_when_safe() {
+    let dir = work_dir("reuse");
+    let upstream = ScriptedUpstream::start().await;
+    let routes =
+        json!([{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(
+            vec![workload("web", "AlwaysOn", "30s")],
+            routes,
+            &[("web", vec![upstream.addr])],
+        ),
+        &[],
+    )
+    .await;
+    // One client connection is served by one gateway thread, whose pool
+    // keeps its upstream connection.
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let mut ask = async |wire: &str| {
+        stream.write_all(wire.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Every answer here is short and ends with its path or error text.
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut chunk))
+                .await
+                .expect("an answer")
+                .unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&reply));
+            reply.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&reply).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text[..end]
+                    .to_ascii_lowercase()
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("content-length: ")
+                            .map(|n| n.trim().parse().unwrap())
+                    })
+                    .unwrap();
+                if reply.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+        }
+    };
+    for i in 0..20 {
+        let reply = ask(&format!("GET /keep/{i} HTTP/1.1\r\nHost: a\r\n\r\n")).await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    }
+    assert_eq!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "20 requests in a row share one upstream connection"
+    );
+
+    // The upstream drops the kept connection when the request arrives: a GET
+    // is sent again on a new connection and answered...
+    let reply = ask("GET /drop HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    let drops = upstream
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /drop "))
+        .count();
+    assert_eq!(
+        drops, 2,
+        "seen on the dropped connection and on the new one"
+    );
+    // ...a POST reached the upstream once and is not sent again: 502.
+    let _ = ask("GET /warm HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let reply = ask("POST /drop HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi").await;
+    assert!(reply.starts_with("HTTP/1.1 502 "), "{reply}");
+    assert!(reply.contains("x-tandem-error: upstream\r\n"), "{reply}");
+    let posts = upstream
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("POST /drop "))
+        .count();
+    assert_eq!(posts, 1);
+}

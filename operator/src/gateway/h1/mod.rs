@@ -27,6 +27,8 @@ use super::table::WorkloadTarget;
 
 /// The first bytes an HTTP/2 client with prior knowledge sends.
 pub const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a client connection may wait for its next request.
+const KEEP_ALIVE_IDLE: Duration = Duration::from_secs(75);
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// After an error response, how long unread request bytes are drained before
@@ -42,7 +44,7 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most request headers.
     pub max_headers: usize,
-    /// Time for a whole request head, from when the gateway waits for it.
+    /// Time for a whole request head, from its first byte.
     pub header_read_timeout: Duration,
 }
 
@@ -79,8 +81,15 @@ pub async fn serve(
     let mut out = Vec::with_capacity(1024);
     let mut first = true;
     loop {
-        // Read until a whole head is buffered.
-        let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+        // Read until a whole head is buffered: the head within the header
+        // read timeout from its first byte, after at most KEEP_ALIVE_IDLE
+        // of waiting for one.
+        let mut deadline = tokio::time::Instant::now()
+            + if buf.is_empty() {
+                KEEP_ALIVE_IDLE
+            } else {
+                limits.header_read_timeout
+            };
         let parsed = loop {
             if first && !buf.is_empty() && maybe_http2(&buf) {
                 if buf.len() >= HTTP2_PREFACE.len() {
@@ -124,7 +133,11 @@ pub async fn serve(
                 _ = stop.changed(), if idle => return Ended::Closed,
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(n)) if n > 0 => {
+                    if idle {
+                        deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+                    }
+                }
                 // Closed, failed, or too slow: nothing to answer.
                 _ => return Ended::Closed,
             }
