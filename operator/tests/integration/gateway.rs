@@ -1017,6 +1017,19 @@ impl ScriptedUpstream {
     fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// A scripted upstream and a gateway routing everything to it.
+    async fn behind_a_gateway(dir: &std::path::Path) -> (ScriptedUpstream, Gateway) {
+        let upstream = ScriptedUpstream::start().await;
+        let routes = json!([{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
+        let config = config(
+            vec![workload("web", "AlwaysOn", "30s")],
+            routes,
+            &[("web", vec![upstream.addr])],
+        );
+        let gateway = Gateway::start(dir, &config, &[]).await;
+        (upstream, gateway)
+    }
 }
 
 /// Sends `wire` on a new connection and reads until the gateway closes it.
@@ -1034,19 +1047,7 @@ async fn exchange_raw(gateway: SocketAddr, wire: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_framing_passes_through_exactly() {
     let dir = work_dir("framing");
-    let upstream = ScriptedUpstream::start().await;
-    let routes =
-        json!([{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
-    let gateway = Gateway::start(
-        &dir,
-        &config(
-            vec![workload("web", "AlwaysOn", "30s")],
-            routes,
-            &[("web", vec![upstream.addr])],
-        ),
-        &[],
-    )
-    .await;
+    let (upstream, gateway) = ScriptedUpstream::behind_a_gateway(&dir).await;
     let addr = gateway.addr;
 
     // Two pipelined requests: two answers, in order, on one connection.
@@ -1154,19 +1155,7 @@ async fn http1_framing_passes_through_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_and_a_closed_one_is_retried_only_when_safe() {
     let dir = work_dir("reuse");
-    let upstream = ScriptedUpstream::start().await;
-    let routes =
-        json!([{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
-    let gateway = Gateway::start(
-        &dir,
-        &config(
-            vec![workload("web", "AlwaysOn", "30s")],
-            routes,
-            &[("web", vec![upstream.addr])],
-        ),
-        &[],
-    )
-    .await;
+    let (upstream, gateway) = ScriptedUpstream::behind_a_gateway(&dir).await;
     // One client connection is served by one gateway thread, whose pool
     // keeps its upstream connection.
     let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
