@@ -292,6 +292,9 @@ impl Worker {
             .max_header_list_size(args.max_header_bytes as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)));
         let graceful = GracefulShutdown::new();
+        // The connections watch a stop signal of this thread: waiting on the
+        // shared one would touch memory of the other threads per request.
+        let (stop_here, stopped) = watch::channel(false);
         loop {
             let (stream, peer) = tokio::select! {
                 next = incoming.recv() => match next {
@@ -308,7 +311,7 @@ impl Worker {
                 gateway.clone(),
                 pool.clone(),
                 limits.clone(),
-                stop.clone(),
+                stopped.clone(),
                 open.clone(),
             );
             let (http2, watcher) = (http2.clone(), graceful.watcher());
@@ -328,6 +331,7 @@ impl Worker {
                 }
             });
         }
+        let _ = stop_here.send(true);
         // Connections handed over but not yet taken close like those still
         // in the listen backlog.
         incoming.close();
