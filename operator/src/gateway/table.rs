@@ -431,6 +431,33 @@ mod tests {
     }
 
     #[test]
+    fn headers_parsed_in_place_match_like_a_header_map() {
+        let t = shop();
+        let parsed = [
+            httparse::Header {
+                name: "X-Beta",
+                value: b"on",
+            },
+            httparse::Header {
+                name: "accept",
+                value: b"*/*",
+            },
+        ];
+        let chosen = t.route(Some("shop.example.com"), "/api/x", "GET", &parsed[..]);
+        assert_eq!(chosen.map(|r| r.name.as_str()), Some("beta"));
+        let other = [httparse::Header {
+            name: "x-beta",
+            value: b"ON",
+        }];
+        let chosen = t.route(Some("shop.example.com"), "/api/x", "GET", &other[..]);
+        assert_eq!(
+            chosen.map(|r| r.name.as_str()),
+            Some("api"),
+            "names ignore case, values do not"
+        );
+    }
+
+    #[test]
     fn hosts_match_exactly_and_apps_without_hosts_take_the_rest() {
         let t = shop();
         assert_eq!(

@@ -27,6 +27,13 @@ pub enum Framing {
     UntilClose,
 }
 
+impl Framing {
+    /// Whether no body bytes follow the head.
+    pub fn is_empty(self) -> bool {
+        matches!(self, Framing::Empty | Framing::Length(0))
+    }
+}
+
 /// Why a body could not be moved.
 #[derive(Debug)]
 pub enum BodyError {

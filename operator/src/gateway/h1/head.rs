@@ -119,7 +119,7 @@ pub fn parse_request<R>(
     let host = info.host.or(authority);
     let framing = match (info.chunked, info.content_length) {
         (true, _) => Framing::Chunked,
-        (false, Some(0) | None) => Framing::Empty,
+        (false, None) => Framing::Empty,
         (false, Some(n)) => Framing::Length(n),
     };
     let upgrade = info.upgrade.is_some() && info.connection_upgrade && !http10;

@@ -148,7 +148,7 @@ pub async fn serve(
         buf.advance(request.len);
         let next = match resolved {
             Err(failure) => {
-                let next = if request.framing == Framing::Empty {
+                let next = if request.framing.is_empty() {
                     Next::KeepAlive
                 } else {
                     Next::Linger
@@ -271,7 +271,7 @@ impl Exchange<'_> {
         let request = self.request;
         // Until its body has been read, a failed request leaves the
         // connection unusable.
-        let mut after_failure = if request.framing == Framing::Empty {
+        let mut after_failure = if request.framing.is_empty() {
             Next::KeepAlive
         } else {
             Next::Linger
@@ -290,7 +290,7 @@ impl Exchange<'_> {
             let (client, buf) = (&mut *self.client, &mut *self.buf);
             let target = &resolved.target;
             let collect = async move {
-                if request.expect_continue && request.framing != Framing::Empty {
+                if request.expect_continue && !request.framing.is_empty() {
                     let _ = client.write_all(CONTINUE).await;
                 }
                 let mut reader = BodyReader::new(request.framing, true, limit);
@@ -312,7 +312,9 @@ impl Exchange<'_> {
             (resolved.target.clone(), Payload::Streamed)
         };
         let framing = match &payload {
-            Payload::Buffered(bytes) if bytes.is_empty() => Framing::Empty,
+            Payload::Buffered(bytes) if bytes.is_empty() && request.framing == Framing::Empty => {
+                Framing::Empty
+            }
             Payload::Buffered(bytes) => Framing::Length(bytes.len() as u64),
             Payload::Streamed => request.framing,
         };
@@ -354,8 +356,7 @@ impl Exchange<'_> {
         payload: &Payload,
         after_failure: Next,
     ) -> Result<Answer, Failed> {
-        let replayable =
-            matches!(payload, Payload::Buffered(_)) || self.request.framing == Framing::Empty;
+        let replayable = matches!(payload, Payload::Buffered(_)) || self.request.framing.is_empty();
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut fresh_only = false;
         loop {
@@ -433,7 +434,7 @@ impl Exchange<'_> {
                 upstream.stream.write_all(self.out).await.map_err(before)?;
             }
             Payload::Streamed => {
-                if request.expect_continue && request.framing != Framing::Empty {
+                if request.expect_continue && !request.framing.is_empty() {
                     let _ = self.client.write_all(CONTINUE).await;
                 }
                 let limit = self.gateway.max_body_bytes as u64;
