@@ -92,7 +92,13 @@ request() {
 
 if $smoke; then
   step "smoke test: a cold request, then a warm one, to the thumbnails Function"
-  read -r code seconds < <(request "$url/thumbnail/cold.png")
+  # Ready says the workloads are up; the gateway learns of the app from its
+  # own watch a moment later (404 "no route" until then).
+  for _ in $(seq 50); do
+    read -r code seconds < <(request "$url/thumbnail/cold.png")
+    [ "$code" = 404 ] && grep -q '^no route' "$work/body" || break
+    echo "(gateway has no route for the app yet)"; sleep 0.2
+  done
   echo "cold: HTTP $code in ${seconds}s: $(head -c 200 "$work/body")"
   [ "$code" = 200 ] || { echo "cold request failed" >&2; exit 1; }
   read -r code seconds < <(request "$url/thumbnail/warm.png")
