@@ -90,6 +90,13 @@ pub(super) struct Failure {
     retry_after: Option<u64>,
 }
 
+/// Status recorded for a request whose client left before its answer (no
+/// response is sent; the number is nginx's).
+pub(super) const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
 /// Where one request goes: its route, the workload picked by weight, and
 /// that workload's counters.
 pub(super) struct Resolved {
@@ -347,11 +354,12 @@ impl Gateway {
         let (parts, body) = request.into_parts();
         let (target, body) = if resolved.target.endpoints.is_empty() {
             let limit = self.max_held_body_bytes;
+            // hyper drops this future when the client goes away.
             let collect = async move {
                 Limited::new(body, limit)
                     .collect()
                     .await
-                    .map(|c| c.to_bytes())
+                    .map(|c| (c.to_bytes(), std::future::pending()))
                     .map_err(|_| self.held_body_too_large(&resolved.target))
             };
             let (target, bytes) = self.hold(resolved, declared, deadline, collect).await?;
@@ -394,13 +402,15 @@ impl Gateway {
     /// The cold path: a request for a workload with no ready endpoint waits
     /// in its bounded queue with its body (read by `body`, capped) while the
     /// autoscaler is told, until an endpoint is ready or `deadline` passes.
-    /// Returns the workload with its endpoints and the body.
-    pub(super) async fn hold(
+    /// Besides the body, `body` gives a future that ends if the client goes
+    /// away meanwhile: the request then leaves the queue. Returns the
+    /// workload with its endpoints and the body.
+    pub(super) async fn hold<Gone: Future<Output = ()>>(
         &self,
         resolved: &Resolved,
         declared: Option<u64>,
         deadline: Instant,
-        body: impl Future<Output = Result<Bytes, Failure>>,
+        body: impl Future<Output = Result<(Bytes, Gone), Failure>>,
     ) -> Result<(Arc<WorkloadTarget>, Bytes), Failure> {
         let (target, load) = (&resolved.target, &resolved.load);
         if target.mode != Mode::Function {
@@ -426,7 +436,7 @@ impl Gateway {
         if declared.is_some_and(|n| n > self.max_held_body_bytes as u64) {
             return Err(self.held_body_too_large(target));
         }
-        let bytes = tokio::time::timeout_at(deadline.into(), body)
+        let (bytes, gone) = tokio::time::timeout_at(deadline.into(), body)
             .await
             .map_err(|_| {
                 Failure::new(
@@ -436,10 +446,16 @@ impl Gateway {
                 )
             })??;
         let waited = Instant::now();
-        let ready = self
-            .wait_for_endpoint(&target.key, deadline)
-            .await
-            .ok_or_else(|| self.not_ready_in_time(target))?;
+        let ready = tokio::select! {
+            ready = self.wait_for_endpoint(&target.key, deadline) => {
+                ready.ok_or_else(|| self.not_ready_in_time(target))?
+            }
+            () = gone => return Err(Failure::new(
+                CLIENT_CLOSED_REQUEST,
+                Origin::Client,
+                "the client went away while the request was held",
+            )),
+        };
         drop(held);
         load.metrics
             .cold_wait
@@ -697,6 +713,7 @@ impl<'a> Held<'a> {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
+                    load.metrics.held.inc();
                     return Some(Self {
                         load,
                         first: current == 0,
@@ -822,7 +839,9 @@ mod tests {
         let second = Held::enter(&load, 2).unwrap();
         assert!(first.first && !second.first);
         assert!(Held::enter(&load, 2).is_none(), "capacity 2");
+        assert_eq!(load.metrics.held.get(), 2, "the queue-depth gauge follows");
         drop(first);
         assert!(Held::enter(&load, 2).is_some());
+        assert_eq!(load.metrics.held.get(), 1);
     }
 }

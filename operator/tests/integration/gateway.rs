@@ -1224,3 +1224,84 @@ async fn upstream_connections_are_reused_and_a_closed_one_is_retried_only_when_s
         .count();
     assert_eq!(posts, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_whose_client_leaves_gives_up_its_place_in_the_queue() {
+    let dir = work_dir("leave");
+    let routes =
+        json!([{"name": "fn", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]);
+    let gateway = Gateway::start(
+        &dir,
+        &config(vec![workload("fn", "Function", "60s")], routes, &[]),
+        &["--max-held-requests=1".into()],
+    )
+    .await;
+    let held_now = || async {
+        let metrics = testenv::http_client::get(&format!("http://{}/metrics", gateway.admin))
+            .await
+            .map_err(|e| e.to_string())?
+            .body;
+        let line = "tandem_gateway_held{namespace=\"ns\",app=\"shop\",workload=\"fn\"} ";
+        Ok::<_, String>(
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(line))
+                .unwrap_or("0")
+                .to_string(),
+        )
+    };
+    let mut leaving = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    leaving
+        .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    wait_for(
+        "the request to be held",
+        Duration::from_secs(10),
+        || async {
+            match held_now().await?.as_str() {
+                "1" => Ok(()),
+                other => Err(format!("held {other}")),
+            }
+        },
+    )
+    .await;
+    let full = exchange_raw(
+        gateway.addr,
+        b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        full.starts_with("HTTP/1.1 503 "),
+        "the queue of 1 is full: {full}"
+    );
+
+    // The client gives up long before the 60 s deadline: its place is freed.
+    drop(leaving);
+    wait_for(
+        "the held request to leave the queue",
+        Duration::from_secs(10),
+        || async {
+            match held_now().await?.as_str() {
+                "0" => Ok(()),
+                other => Err(format!("held {other}")),
+            }
+        },
+    )
+    .await;
+    let mut next = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    next.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    wait_for(
+        "the next request to be held, not refused",
+        Duration::from_secs(10),
+        || async {
+            match held_now().await?.as_str() {
+                "1" => Ok(()),
+                other => Err(format!("held {other}")),
+            }
+        },
+    )
+    .await;
+}

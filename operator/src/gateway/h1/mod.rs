@@ -294,13 +294,13 @@ impl Exchange<'_> {
                     let _ = client.write_all(CONTINUE).await;
                 }
                 let mut reader = BodyReader::new(request.framing, true, limit);
-                body::collect(&mut reader, client, buf)
+                let bytes = body::collect(&mut reader, client, buf)
                     .await
-                    .map(Bytes::from)
                     .map_err(|error| match error {
                         BodyError::TooLarge => gateway.held_body_too_large(target),
                         other => client_body_failure(other),
-                    })
+                    })?;
+                Ok((Bytes::from(bytes), gone(client, buf)))
             };
             let (target, bytes) = gateway
                 .hold(resolved, declared, deadline, collect)
@@ -558,6 +558,22 @@ impl Exchange<'_> {
         Next::Close
     }
 }
+
+/// Ends when the client closes its connection (or it fails). Bytes it sends
+/// meanwhile (a pipelined request) are kept in `buf`; past a head's worth of
+/// them the client is taken to be there.
+async fn gone(client: &mut TcpStream, buf: &mut BytesMut) {
+    while buf.len() < READ_AHEAD_WHILE_HELD {
+        match body::fill(client, buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
+/// Most bytes read ahead from a client whose request is held.
+const READ_AHEAD_WHILE_HELD: usize = 64 * 1024;
 
 /// What a server sends a client waiting to send its body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
