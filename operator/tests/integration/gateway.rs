@@ -265,6 +265,29 @@ impl Gateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Waits until the gateway's queue-depth gauge for `workload` reads `n`.
+    async fn wait_for_held(&self, workload: &str, n: u64, what: &str) {
+        let line = format!(
+            "tandem_gateway_held{{namespace=\"ns\",app=\"shop\",workload=\"{workload}\"}} "
+        );
+        wait_for(what, Duration::from_secs(10), || async {
+            let metrics = testenv::http_client::get(&format!("http://{}/metrics", self.admin))
+                .await
+                .map_err(|e| e.to_string())?
+                .body;
+            let held = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .unwrap_or("0");
+            if held == n.to_string() {
+                Ok(())
+            } else {
+                Err(format!("held {held}"))
+            }
+        })
+        .await;
+    }
+
     fn update(&self, config: &Value) {
         write_config(&self.config, config);
     }
@@ -1236,36 +1259,14 @@ async fn a_held_request_whose_client_leaves_gives_up_its_place_in_the_queue() {
         &["--max-held-requests=1".into()],
     )
     .await;
-    let held_now = || async {
-        let metrics = testenv::http_client::get(&format!("http://{}/metrics", gateway.admin))
-            .await
-            .map_err(|e| e.to_string())?
-            .body;
-        let line = "tandem_gateway_held{namespace=\"ns\",app=\"shop\",workload=\"fn\"} ";
-        Ok::<_, String>(
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(line))
-                .unwrap_or("0")
-                .to_string(),
-        )
-    };
     let mut leaving = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     leaving
         .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    wait_for(
-        "the request to be held",
-        Duration::from_secs(10),
-        || async {
-            match held_now().await?.as_str() {
-                "1" => Ok(()),
-                other => Err(format!("held {other}")),
-            }
-        },
-    )
-    .await;
+    gateway
+        .wait_for_held("fn", 1, "the request to be held")
+        .await;
     let full = exchange_raw(
         gateway.addr,
         b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -1278,30 +1279,14 @@ async fn a_held_request_whose_client_leaves_gives_up_its_place_in_the_queue() {
 
     // The client gives up long before the 60 s deadline: its place is freed.
     drop(leaving);
-    wait_for(
-        "the held request to leave the queue",
-        Duration::from_secs(10),
-        || async {
-            match held_now().await?.as_str() {
-                "0" => Ok(()),
-                other => Err(format!("held {other}")),
-            }
-        },
-    )
-    .await;
+    gateway
+        .wait_for_held("fn", 0, "the held request to leave the queue")
+        .await;
     let mut next = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     next.write_all(b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    wait_for(
-        "the next request to be held, not refused",
-        Duration::from_secs(10),
-        || async {
-            match held_now().await?.as_str() {
-                "1" => Ok(()),
-                other => Err(format!("held {other}")),
-            }
-        },
-    )
-    .await;
+    gateway
+        .wait_for_held("fn", 1, "the next request to be held, not refused")
+        .await;
 }
