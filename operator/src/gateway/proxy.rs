@@ -1,10 +1,13 @@
-//! Forwarding one request: route, pick, hold if cold, forward, answer.
+//! What every request goes through, whatever its protocol: route, pick a
+//! workload by weight, hold it if the workload is cold, count it; and the
+//! forwarding of HTTP/2 requests (through hyper; HTTP/1 has its own engine
+//! in [`super::h1`]).
 //!
 //! Every error says where it came from (the client, the upstream, or the
 //! gateway itself) in the `x-tandem-error` header and the body, and maps to a
-//! precise status: 404 no route, 413 body too large, 431 head too large
-//! (answered by hyper), 502 upstream failed, 503 with Retry-After when no
-//! endpoint can take the request, 504 when the deadline passes.
+//! precise status: 400 malformed, 404 no route, 413 body too large, 431 head
+//! too large, 502 upstream failed, 503 with Retry-After when no endpoint can
+//! take the request, 504 when the deadline passes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
