@@ -265,6 +265,19 @@ impl Gateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// A gateway sending every path to one Function `fn` (request timeout
+    /// `timeout`) that has no ready endpoint.
+    async fn for_a_cold_function(
+        dir: &std::path::Path,
+        timeout: &str,
+        extra: &[String],
+    ) -> Gateway {
+        let routes =
+            json!([{"name": "fn", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]);
+        let config = config(vec![workload("fn", "Function", timeout)], routes, &[]);
+        Gateway::start(dir, &config, extra).await
+    }
+
     /// Waits until the gateway's queue-depth gauge for `workload` reads `n`.
     async fn wait_for_held(&self, workload: &str, n: u64, what: &str) {
         let line = format!(
@@ -514,14 +527,7 @@ async fn a_held_request_is_released_when_an_endpoint_is_ready_and_reaches_it_onc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503_with_retry_after_and_a_deadline_504() {
     let dir = work_dir("queue");
-    let routes =
-        json!([{"name": "fn", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]);
-    let gateway = Gateway::start(
-        &dir,
-        &config(vec![workload("fn", "Function", "2s")], routes, &[]),
-        &["--max-held-requests=2".into()],
-    )
-    .await;
+    let gateway = Gateway::for_a_cold_function(&dir, "2s", &["--max-held-requests=2".into()]).await;
     let client = client();
     let started = Instant::now();
     let held: Vec<_> = (0..2)
@@ -619,14 +625,8 @@ async fn oversized_bodies_get_413_and_oversized_heads_431() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_its_head_slowly_is_cut_off() {
     let dir = work_dir("slow");
-    let routes =
-        json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]);
-    let gateway = Gateway::start(
-        &dir,
-        &config(vec![workload("fn", "Function", "30s")], routes, &[]),
-        &["--header-read-timeout=1s".into()],
-    )
-    .await;
+    let gateway =
+        Gateway::for_a_cold_function(&dir, "30s", &["--header-read-timeout=1s".into()]).await;
     let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -1251,14 +1251,8 @@ async fn upstream_connections_are_reused_and_a_closed_one_is_retried_only_when_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_request_whose_client_leaves_gives_up_its_place_in_the_queue() {
     let dir = work_dir("leave");
-    let routes =
-        json!([{"name": "fn", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]);
-    let gateway = Gateway::start(
-        &dir,
-        &config(vec![workload("fn", "Function", "60s")], routes, &[]),
-        &["--max-held-requests=1".into()],
-    )
-    .await;
+    let gateway =
+        Gateway::for_a_cold_function(&dir, "60s", &["--max-held-requests=1".into()]).await;
     let mut leaving = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
     leaving
         .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -47,7 +47,7 @@ pub struct RequestHead {
     pub idempotent: bool,
     /// Asks for a protocol upgrade (websocket).
     pub upgrade: bool,
-    /// Sent `Expect: 100-continue`.
+    /// Sent `Expect: 100-continue` and a body: waits for "100 Continue".
     pub expect_continue: bool,
 }
 
@@ -138,7 +138,7 @@ pub fn parse_request<R>(
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         ),
         upgrade,
-        expect_continue: info.expect_continue,
+        expect_continue: info.expect_continue && !framing.is_empty(),
     };
     let routed = route(&RouteInput {
         host,
@@ -193,16 +193,12 @@ pub fn finish_request_head(out: &mut Vec<u8>, framing: Framing) {
         Framing::Empty | Framing::UntilClose => {}
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n).as_bytes());
+            out.extend_from_slice(n.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -429,7 +425,7 @@ pub fn parse_response(
     }
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa(u64::from(status)).as_bytes());
+    out.extend_from_slice(status.to_string().as_bytes());
     out.push(b' ');
     out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");

@@ -147,14 +147,7 @@ pub async fn serve(
         let (request, resolved) = parsed;
         buf.advance(request.len);
         let next = match resolved {
-            Err(failure) => {
-                let next = if request.framing.is_empty() {
-                    Next::KeepAlive
-                } else {
-                    Next::Linger
-                };
-                finish(&mut client, &failure, next, &mut out).await
-            }
+            Err(failure) => finish(&mut client, &failure, before_body(&request), &mut out).await,
             Ok(resolved) => {
                 let mut exchange = Exchange {
                     gateway,
@@ -269,13 +262,7 @@ impl Exchange<'_> {
         started: Instant,
     ) -> Result<(StatusCode, Next), Failed> {
         let request = self.request;
-        // Until its body has been read, a failed request leaves the
-        // connection unusable.
-        let mut after_failure = if request.framing.is_empty() {
-            Next::KeepAlive
-        } else {
-            Next::Linger
-        };
+        let mut after_failure = before_body(request);
         let declared = match request.framing {
             Framing::Length(n) => Some(n),
             _ => None,
@@ -290,7 +277,7 @@ impl Exchange<'_> {
             let (client, buf) = (&mut *self.client, &mut *self.buf);
             let target = &resolved.target;
             let collect = async move {
-                if request.expect_continue && !request.framing.is_empty() {
+                if request.expect_continue {
                     let _ = client.write_all(CONTINUE).await;
                 }
                 let mut reader = BodyReader::new(request.framing, true, limit);
@@ -434,7 +421,7 @@ impl Exchange<'_> {
                 upstream.stream.write_all(self.out).await.map_err(before)?;
             }
             Payload::Streamed => {
-                if request.expect_continue && !request.framing.is_empty() {
+                if request.expect_continue {
                     let _ = self.client.write_all(CONTINUE).await;
                 }
                 let limit = self.gateway.max_body_bytes as u64;
@@ -577,6 +564,16 @@ const READ_AHEAD_WHILE_HELD: usize = 64 * 1024;
 
 /// What a server sends a client waiting to send its body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// What a failure leaves of the connection before the request's body was
+/// read: usable only if there is no body.
+fn before_body(request: &RequestHead) -> Next {
+    if request.framing.is_empty() {
+        Next::KeepAlive
+    } else {
+        Next::Linger
+    }
+}
 
 /// A bad body from the client.
 fn client_body_failure(error: BodyError) -> Failure {

@@ -82,7 +82,8 @@ impl Pool {
     }
 
     /// Connections kept now (all endpoints).
-    pub fn idle_count(&self) -> usize {
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
         self.idle
             .lock()
             .expect("pool lock")
