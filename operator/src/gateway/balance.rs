@@ -24,22 +24,13 @@ pub struct EndpointLoads {
     loads: RwLock<super::table::FastMap<SocketAddr, Arc<Endpoint>>>,
 }
 
-/// One endpoint: its requests in flight, and its address as a URI authority
-/// (made once, not per request).
+/// One endpoint: its requests in flight.
 struct Endpoint {
     in_flight: AtomicUsize,
-    authority: http::uri::Authority,
 }
 
 /// Holds one unit of an endpoint's load until dropped.
 pub struct InFlight(Arc<Endpoint>);
-
-impl InFlight {
-    /// The endpoint's `ip:port` as a URI authority.
-    pub fn authority(&self) -> http::uri::Authority {
-        self.0.authority.clone()
-    }
-}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -59,10 +50,6 @@ impl EndpointLoads {
             .or_insert_with(|| {
                 Arc::new(Endpoint {
                     in_flight: AtomicUsize::new(0),
-                    authority: endpoint
-                        .to_string()
-                        .parse()
-                        .expect("a socket address is a valid authority"),
                 })
             })
             .clone()
@@ -112,6 +99,16 @@ impl EndpointLoads {
             .filter(|e| !tried.contains(e))
             .collect();
         self.pick(&untried, rolls)
+    }
+
+    /// Endpoints with an entry now.
+    pub fn len(&self) -> usize {
+        self.loads.read().expect("loads lock").len()
+    }
+
+    /// Whether no endpoint has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Forgets endpoints that are gone and idle.

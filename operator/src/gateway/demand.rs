@@ -15,7 +15,7 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
-use super::proxy::Gateway;
+use super::state::Gateway;
 use super::table::WorkloadKey;
 use crate::protocol::{
     DEMAND_PATH, DEMAND_REPEAT, Demand, STATS_INTERVAL, STATS_PATH, Stats, WorkloadRef,

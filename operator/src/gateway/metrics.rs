@@ -1,4 +1,6 @@
-//! Prometheus metrics of the gateway.
+//! Prometheus metrics of the gateway. Series of a workload are removed when
+//! it leaves the routing table (see [`super::state::Gateway::prune`]), so
+//! pod and app churn does not grow them without bound.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,6 +30,12 @@ struct WorkloadLabels {
     workload: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    origin: &'static str,
+    kind: &'static str,
+}
+
 impl From<&WorkloadKey> for WorkloadLabels {
     fn from(key: &WorkloadKey) -> Self {
         Self {
@@ -44,11 +52,15 @@ fn latency_buckets() -> Histogram {
     ])
 }
 
-/// Requests, latency, in-flight, held requests and cold starts.
+/// Requests, latency, in-flight, held requests, cold starts, errors and
+/// connections.
 #[derive(Clone)]
 pub struct GatewayMetrics {
     requests: Family<RequestLabels, Counter>,
     unrouted: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    connections: Gauge,
+    refused_connections: Counter,
     latency: Family<WorkloadLabels, Histogram, fn() -> Histogram>,
     in_flight: Family<WorkloadLabels, Gauge>,
     held: Family<WorkloadLabels, Gauge>,
@@ -62,6 +74,9 @@ impl GatewayMetrics {
         let metrics = Self {
             requests: Family::default(),
             unrouted: Counter::default(),
+            errors: Family::default(),
+            connections: Gauge::default(),
+            refused_connections: Counter::default(),
             latency: Family::new_with_constructor(latency_buckets),
             in_flight: Family::default(),
             held: Family::default(),
@@ -77,6 +92,21 @@ impl GatewayMetrics {
             "tandem_gateway_unrouted_requests",
             "Requests that matched no route (404)",
             metrics.unrouted.clone(),
+        );
+        registry.register(
+            "tandem_gateway_errors",
+            "Requests the gateway failed or refused, by origin (client, upstream, gateway) and kind",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "tandem_gateway_connections",
+            "Open client connections",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "tandem_gateway_refused_connections",
+            "Client connections answered 503 because --max-connections were open",
+            metrics.refused_connections.clone(),
         );
         registry.register(
             "tandem_gateway_request_duration_seconds",
@@ -111,19 +141,37 @@ impl GatewayMetrics {
         self.unrouted.inc();
     }
 
+    /// Counts a failed or refused request.
+    pub fn error(&self, origin: &'static str, kind: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels { origin, kind })
+            .inc();
+    }
+
+    /// The gauge of open client connections.
+    pub fn connections(&self) -> &Gauge {
+        &self.connections
+    }
+
+    /// Counts a connection refused for the connection cap.
+    pub fn refused_connection(&self) {
+        self.refused_connections.inc();
+    }
+
     /// Handles on one workload's metrics, looked up once and then used
     /// without building labels on every request.
     pub fn workload(&self, key: &WorkloadKey) -> WorkloadMetrics {
         let labels: WorkloadLabels = key.into();
         WorkloadMetrics {
             key: key.clone(),
-            requests: self.requests.clone(),
+            families: self.clone(),
             by_route: Default::default(),
             latency: self.latency.get_or_create(&labels).clone(),
             in_flight: self.in_flight.get_or_create(&labels).clone(),
             held: self.held.get_or_create(&labels).clone(),
             cold_starts: self.cold_starts.get_or_create(&labels).clone(),
             cold_wait: self.cold_wait.get_or_create(&labels).clone(),
+            labels,
         }
     }
 }
@@ -131,7 +179,8 @@ impl GatewayMetrics {
 /// One workload's metrics.
 pub struct WorkloadMetrics {
     key: WorkloadKey,
-    requests: Family<RequestLabels, Counter>,
+    labels: WorkloadLabels,
+    families: GatewayMetrics,
     by_route: std::sync::RwLock<super::table::FastMap<String, HashMap<u16, Counter>>>,
     /// Time to the response head, cold wait included.
     pub latency: Histogram,
@@ -146,6 +195,16 @@ pub struct WorkloadMetrics {
 }
 
 impl WorkloadMetrics {
+    fn request_labels(&self, route: &str, code: u16) -> RequestLabels {
+        RequestLabels {
+            namespace: self.key.namespace.clone(),
+            app: self.key.app.clone(),
+            route: route.to_string(),
+            workload: self.key.workload.clone(),
+            code,
+        }
+    }
+
     /// Records a finished request on `route` with `status`.
     pub fn observe(&self, route: &str, status: http::StatusCode, took: Duration) {
         self.latency.observe(took.as_secs_f64());
@@ -161,14 +220,9 @@ impl WorkloadMetrics {
             return;
         }
         let counter = self
+            .families
             .requests
-            .get_or_create(&RequestLabels {
-                namespace: self.key.namespace.clone(),
-                app: self.key.app.clone(),
-                route: route.to_string(),
-                workload: self.key.workload.clone(),
-                code,
-            })
+            .get_or_create(&self.request_labels(route, code))
             .clone();
         counter.inc();
         self.by_route
@@ -177,5 +231,32 @@ impl WorkloadMetrics {
             .entry(route.to_string())
             .or_default()
             .insert(code, counter);
+    }
+
+    /// Removes the request series of routes that `keep` rejects.
+    pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) {
+        let mut by_route = self.by_route.write().expect("metrics lock");
+        by_route.retain(|route, codes| {
+            if keep(route) {
+                return true;
+            }
+            for code in codes.keys() {
+                self.families
+                    .requests
+                    .remove(&self.request_labels(route, *code));
+            }
+            false
+        });
+    }
+
+    /// Removes every series of this workload.
+    pub fn remove(&self) {
+        self.retain_routes(|_| false);
+        let families = &self.families;
+        families.latency.remove(&self.labels);
+        families.in_flight.remove(&self.labels);
+        families.held.remove(&self.labels);
+        families.cold_starts.remove(&self.labels);
+        families.cold_wait.remove(&self.labels);
     }
 }

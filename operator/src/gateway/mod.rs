@@ -1,33 +1,46 @@
 //! `tandem gateway`: the data plane. Routes requests by host and path,
 //! splits them by weight, balances across ready endpoints, and holds requests
 //! for a Function with no ready endpoint while it starts.
+//!
+//! Layout: [`lifecycle`] is what every request goes through; [`h1`] (the
+//! HTTP/1 wire format, the upstream pool, the HTTP/1 client adapter) and
+//! [`h2`] (HTTP/2 clients through hyper) are adapters under it;
+//! [`forwarding`] is the one policy for the headers the gateway owns. This
+//! module accepts connections (at most `--max-connections`), finds each
+//! one's protocol from its first bytes, and runs one serving thread per core.
 
 pub mod balance;
 pub mod demand;
+pub mod forwarding;
 pub mod h1;
+pub mod h2;
+pub mod lifecycle;
 pub mod metrics;
-pub mod proxy;
 pub mod source;
+pub mod state;
 pub mod table;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use bytes::BytesMut;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::admin::{self, AdminState};
 use crate::operator::{parse_duration, shutdown_signal};
 use crate::telemetry::LogFormat;
+use forwarding::Cidr;
+use state::{Gateway, Settings};
 use table::RoutingTable;
+
+/// The first bytes an HTTP/2 client with prior knowledge sends.
+pub const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Flags of `tandem gateway`.
 #[derive(clap::Args, Debug, Clone)]
@@ -96,17 +109,82 @@ pub struct GatewayArgs {
     #[arg(long, env = "TANDEM_MAX_HEADERS", default_value_t = 100)]
     pub max_headers: usize,
 
-    /// A client must send its whole request head within this time.
+    /// A client must send its whole request head within this time (and a
+    /// new connection its first bytes).
     #[arg(long, env = "TANDEM_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+
+    /// An idle client connection (HTTP/1 between requests, HTTP/2 without
+    /// streams) is closed after this time.
+    #[arg(long, env = "TANDEM_KEEP_ALIVE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub keep_alive_timeout: Duration,
+
+    /// Longest wait for the next bytes of a request or response body, and
+    /// for a client or upstream to take what the gateway writes; past it
+    /// the exchange is cut (408 while the request body is read).
+    #[arg(long, env = "TANDEM_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Longest wait for an upstream's response head once the request is
+    /// sent (504); the workload's `requestTimeout`, which counts from the
+    /// request's arrival and includes a cold start, applies as well.
+    #[arg(long, env = "TANDEM_RESPONSE_HEAD_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub response_head_timeout: Duration,
 
     /// Connecting to an upstream endpoint must succeed within this time.
     #[arg(long, env = "TANDEM_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// An upgraded (websocket) connection silent both ways this long is
+    /// closed.
+    #[arg(long, env = "TANDEM_TUNNEL_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub tunnel_idle_timeout: Duration,
+
+    /// Most open client connections; a new one beyond it is answered 503
+    /// with Retry-After and closed.
+    #[arg(long, env = "TANDEM_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Most concurrent streams per HTTP/2 connection.
+    #[arg(
+        long,
+        env = "TANDEM_HTTP2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 100
+    )]
+    pub http2_max_concurrent_streams: u32,
+
+    /// Clients (a load balancer in front of the gateway) whose
+    /// `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Forwarded-Port`,
+    /// `Forwarded` and `X-Real-IP` are passed on; from anyone else they are
+    /// removed. CIDR ranges or addresses, comma-separated.
+    #[arg(long, env = "TANDEM_TRUST_FORWARDED_FROM", value_delimiter = ',')]
+    pub trust_forwarded_from: Vec<Cidr>,
+
     /// On SIGTERM, in-flight requests get this long to finish.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+impl GatewayArgs {
+    /// The limits and deadlines these flags set.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_held_requests: self.max_held_requests,
+            max_held_body_bytes: self.max_held_body_bytes,
+            max_body_bytes: self.max_body_bytes,
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            header_read_timeout: self.header_read_timeout,
+            keep_alive_timeout: self.keep_alive_timeout,
+            idle_timeout: self.idle_timeout,
+            response_head_timeout: self.response_head_timeout,
+            connect_timeout: self.connect_timeout,
+            tunnel_idle_timeout: self.tunnel_idle_timeout,
+            max_connections: self.max_connections,
+            http2_max_concurrent_streams: self.http2_max_concurrent_streams,
+            trusted: self.trust_forwarded_from.clone(),
+        }
+    }
 }
 
 /// Runs the gateway until SIGTERM or SIGINT, then drains.
@@ -164,14 +242,15 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| format!("gateway-{}", std::process::id()));
-    let gateway = Arc::new(proxy::Gateway::new(&args, tables, metrics, id));
+    let gateway = Arc::new(Gateway::new(args.settings(), tables, metrics, id));
     tokio::spawn(demand::run(gateway.clone(), targets));
+    tokio::spawn(gateway.clone().prune_on_change());
 
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
     tracing::info!(address = %listener.local_addr()?, admin = %args.admin_address, "gateway listening");
-    serve(listener, gateway, &args, shutdown_signal()).await;
+    serve(listener, gateway, args.shutdown_grace, shutdown_signal()).await;
     admin_state.set_ready(false, "shutting down");
     Ok(())
 }
@@ -181,13 +260,14 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
 /// nginx's worker model). One acceptor hands each new connection to the
 /// thread with the fewest open connections, so the threads share the load
 /// evenly (the kernel, waking whichever thread waits on a shared socket,
-/// gave one thread two thirds of the connections in a benchmark). On
-/// `shutdown` the threads stop taking connections, let in-flight requests
-/// finish within the grace period, then close idle connections.
+/// gave one thread two thirds of the connections in a benchmark). Beyond
+/// `max_connections` open ones, a new connection is answered 503 at once.
+/// On `shutdown` the threads stop taking connections, let in-flight requests
+/// finish within `grace`, then close idle connections.
 pub async fn serve(
     listener: TcpListener,
-    gateway: Arc<proxy::Gateway>,
-    args: &GatewayArgs,
+    gateway: Arc<Gateway>,
+    grace: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let threads = std::thread::available_parallelism()
@@ -199,8 +279,8 @@ pub async fn serve(
         let (connections, incoming) = mpsc::unbounded_channel();
         let open = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
-            gateway: Arc::new(gateway.for_thread()),
-            args: args.clone(),
+            gateway: gateway.clone(),
+            grace,
             stop: stop.clone(),
             open: open.clone(),
         };
@@ -216,6 +296,9 @@ pub async fn serve(
             .expect("start a gateway worker thread");
         workers.push((connections, open, thread));
     }
+    // Refusals are written by a bounded number of tasks; beyond that a
+    // connection is closed without an answer.
+    let refusing = Arc::new(Semaphore::new(256));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -230,6 +313,20 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let open_now: usize = workers
+            .iter()
+            .map(|(_, open, _)| open.load(Ordering::Relaxed))
+            .sum();
+        if open_now >= gateway.settings.max_connections {
+            gateway.metrics.refused_connection();
+            if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream).await;
+                    drop(permit);
+                });
+            }
+            continue;
+        }
         let Ok(stream) = stream.into_std() else {
             continue;
         };
@@ -238,8 +335,10 @@ pub async fn serve(
             .min_by_key(|(_, open, _)| open.load(Ordering::Relaxed))
             .expect("at least one worker");
         open.fetch_add(1, Ordering::Relaxed);
+        gateway.metrics.connections().inc();
         if connections.send((stream, peer)).is_err() {
             open.fetch_sub(1, Ordering::Relaxed);
+            gateway.metrics.connections().dec();
         }
     }
     drop(listener);
@@ -253,12 +352,38 @@ pub async fn serve(
     .await;
 }
 
+/// Answers a connection over the cap with 503 without reading its request,
+/// then closes it (after draining briefly, so the client reads the answer).
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const MESSAGE: &str = "the gateway has too many connections\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         x-tandem-error: gateway\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{MESSAGE}",
+        MESSAGE.len()
+    );
+    let written =
+        tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer.as_bytes())).await;
+    if matches!(written, Ok(Ok(()))) {
+        let _ = stream.shutdown().await;
+        let mut scratch = BytesMut::new();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Ok(n) = h1::body::fill(&mut stream, &mut scratch).await {
+                if n == 0 || scratch.len() > 64 * 1024 {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
 /// One serving thread: takes the connections the acceptor hands it.
 struct Worker {
-    gateway: Arc<proxy::Gateway>,
-    args: GatewayArgs,
+    gateway: Arc<Gateway>,
+    grace: Duration,
     stop: watch::Receiver<bool>,
-    /// Its open HTTP/1 connections (the acceptor adds, the worker removes).
+    /// Its open connections (the acceptor adds, the worker removes).
     open: Arc<AtomicUsize>,
 }
 
@@ -266,32 +391,12 @@ impl Worker {
     async fn run(self, mut incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>) {
         let Worker {
             gateway,
-            args,
+            grace,
             mut stop,
             open,
         } = self;
-        let limits = Arc::new(h1::Limits {
-            max_header_bytes: args.max_header_bytes,
-            max_headers: args.max_headers,
-            header_read_timeout: args.header_read_timeout,
-        });
         let pool = Arc::new(h1::pool::Pool::default());
-        let sweeper = {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(h1::pool::IDLE_TIMEOUT / 4);
-                loop {
-                    every.tick().await;
-                    pool.sweep();
-                }
-            })
-        };
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .max_header_list_size(args.max_header_bytes as u32)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
-        let graceful = GracefulShutdown::new();
+        let sweeper = tokio::spawn(sweep(pool.clone(), gateway.tables.clone()));
         // The connections watch a stop signal of this thread: waiting on the
         // shared one would touch memory of the other threads per request.
         let (stop_here, stopped) = watch::channel(false);
@@ -303,32 +408,14 @@ impl Worker {
                 },
                 _ = stop.wait_for(|stopped| *stopped) => break,
             };
-            let Ok(stream) = TcpStream::from_std(stream) else {
-                open.fetch_sub(1, Ordering::Relaxed);
-                continue;
-            };
-            let (gateway, pool, limits, stop, open) = (
-                gateway.clone(),
-                pool.clone(),
-                limits.clone(),
-                stopped.clone(),
-                open.clone(),
-            );
-            let (http2, watcher) = (http2.clone(), graceful.watcher());
+            let (gateway, pool, stop, open) =
+                (gateway.clone(), pool.clone(), stopped.clone(), open.clone());
             tokio::spawn(async move {
-                let ended = h1::serve(&gateway, &pool, &limits, stream, peer, stop).await;
-                open.fetch_sub(1, Ordering::Relaxed);
-                if let h1::Ended::Http2(stream, read) = ended {
-                    let service = hyper::service::service_fn(move |request| {
-                        let gateway = gateway.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(gateway.handle(request, peer).await)
-                        }
-                    });
-                    let connection =
-                        http2.serve_connection(TokioIo::new(Rewind::new(read, stream)), service);
-                    let _ = watcher.watch(connection).await;
+                if let Ok(stream) = TcpStream::from_std(stream) {
+                    connection(gateway.clone(), pool, stream, peer, stop).await;
                 }
+                open.fetch_sub(1, Ordering::Relaxed);
+                gateway.metrics.connections().dec();
             });
         }
         let _ = stop_here.send(true);
@@ -337,85 +424,71 @@ impl Worker {
         incoming.close();
         while incoming.try_recv().is_ok() {
             open.fetch_sub(1, Ordering::Relaxed);
+            gateway.metrics.connections().dec();
         }
         sweeper.abort();
-        tracing::info!(grace = ?args.shutdown_grace, "draining in-flight requests");
-        let http1_drained = async {
+        tracing::info!(?grace, "draining in-flight requests");
+        let drained = async {
             while open.load(Ordering::Relaxed) > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        let drained = futures::future::join(graceful.shutdown(), http1_drained);
-        if tokio::time::timeout(args.shutdown_grace, drained)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("grace period over; closing the remaining connections");
         }
     }
 }
 
-/// A connection whose first bytes were already read: they are read again
-/// first.
-struct Rewind {
-    read: bytes::Bytes,
-    stream: tokio::net::TcpStream,
-}
-
-impl Rewind {
-    fn new(read: bytes::Bytes, stream: tokio::net::TcpStream) -> Self {
-        Self { read, stream }
-    }
-}
-
-impl tokio::io::AsyncRead for Rewind {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read.is_empty() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read.split_to(n));
-            return std::task::Poll::Ready(Ok(()));
+/// Closes a thread's idle upstream connections after their idle timeout,
+/// and those to endpoints that left the routing table at once.
+async fn sweep(pool: Arc<h1::pool::Pool>, mut tables: watch::Receiver<Arc<RoutingTable>>) {
+    let mut every = tokio::time::interval(h1::pool::IDLE_TIMEOUT / 4);
+    loop {
+        tokio::select! {
+            _ = every.tick() => pool.sweep(),
+            changed = tables.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let live = tables
+                    .borrow_and_update()
+                    .workloads()
+                    .flat_map(|w| w.endpoints.iter().copied())
+                    .collect();
+                pool.retain(&live);
+            }
         }
-        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for Rewind {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+/// Serves one client connection: its first bytes say whether it speaks
+/// HTTP/2 (the prior-knowledge preface) or HTTP/1; they must arrive within
+/// the header read timeout.
+pub async fn connection(
+    gateway: Arc<Gateway>,
+    pool: Arc<h1::pool::Pool>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let deadline = tokio::time::Instant::now() + gateway.settings.header_read_timeout;
+    while buf.len() < HTTP2_PREFACE.len() && HTTP2_PREFACE.starts_with(&buf) {
+        match tokio::time::timeout_at(deadline, h1::body::fill(&mut stream, &mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
     }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    if buf.starts_with(HTTP2_PREFACE) {
+        h2::serve(
+            gateway,
+            pool,
+            h2::Rewind::new(buf.freeze(), stream),
+            peer,
+            stop,
+        )
+        .await;
+    } else {
+        h1::serve(&gateway, &pool, stream, buf, peer, stop).await;
     }
 }

@@ -294,6 +294,25 @@ impl RoutingTable {
         self.workloads.values()
     }
 
+    /// The names of the routes that send requests to each workload.
+    pub fn routes_by_workload(&self) -> HashMap<WorkloadKey, std::collections::HashSet<String>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut by_workload: HashMap<WorkloadKey, std::collections::HashSet<String>> =
+            HashMap::new();
+        for route in self.by_host.values().flatten().chain(self.any_host.iter()) {
+            if !seen.insert(Arc::as_ptr(route)) {
+                continue;
+            }
+            for (key, _) in &route.backends {
+                by_workload
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(route.name.clone());
+            }
+        }
+        by_workload
+    }
+
     /// Number of distinct routes.
     pub fn route_count(&self) -> usize {
         let mut seen = std::collections::HashSet::new();

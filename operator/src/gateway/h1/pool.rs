@@ -1,10 +1,12 @@
 //! Keep-alive connections to upstream endpoints, one pool per serving
 //! thread (so a connection is only ever used by the thread that made it).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+
+use tokio::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
@@ -81,9 +83,16 @@ impl Pool {
         });
     }
 
+    /// Closes the connections to endpoints not in `live`.
+    pub fn retain(&self, live: &HashSet<SocketAddr>) {
+        self.idle
+            .lock()
+            .expect("pool lock")
+            .retain(|endpoint, _| live.contains(endpoint));
+    }
+
     /// Connections kept now (all endpoints).
-    #[cfg(test)]
-    fn idle_count(&self) -> usize {
+    pub fn idle_count(&self) -> usize {
         self.idle
             .lock()
             .expect("pool lock")

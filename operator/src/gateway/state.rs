@@ -1,0 +1,211 @@
+//! What the serving threads of a gateway share: the routing table, the load
+//! of every workload and endpoint, the settings, and the metrics; and the
+//! pruning that keeps all of it as small as the table.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Duration;
+
+use super::balance::EndpointLoads;
+use super::forwarding::Cidr;
+use super::metrics::{GatewayMetrics, WorkloadMetrics};
+use super::table::{FastMap, RoutingTable, WorkloadKey};
+
+/// Limits and deadlines of a gateway (from its flags).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most requests held per cold workload.
+    pub max_held_requests: usize,
+    /// Largest body of a held request.
+    pub max_held_body_bytes: usize,
+    /// Largest body forwarded.
+    pub max_body_bytes: usize,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Most request headers.
+    pub max_headers: usize,
+    /// Time for a whole request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// How long a client connection may wait for its next request.
+    pub keep_alive_timeout: Duration,
+    /// Longest wait for the next bytes of a body, or for a peer to take
+    /// the bytes written to it, in either direction.
+    pub idle_timeout: Duration,
+    /// Longest wait for an upstream's response head once the request is
+    /// sent (the workload's `requestTimeout` also applies).
+    pub response_head_timeout: Duration,
+    /// Connecting to an upstream endpoint must succeed within this time.
+    pub connect_timeout: Duration,
+    /// Longest silence in both directions of an upgraded (websocket)
+    /// connection.
+    pub tunnel_idle_timeout: Duration,
+    /// Most open client connections; more are answered 503.
+    pub max_connections: usize,
+    /// Most concurrent streams of one HTTP/2 connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Clients whose forwarding headers are believed.
+    pub trusted: Vec<Cidr>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_held_requests: 1000,
+            max_held_body_bytes: 1 << 20,
+            max_body_bytes: 64 << 20,
+            max_header_bytes: 64 << 10,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(75),
+            idle_timeout: Duration::from_secs(60),
+            response_head_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(2),
+            tunnel_idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            http2_max_concurrent_streams: 100,
+            trusted: Vec::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// Whether forwarding headers from `ip` are believed.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted.iter().any(|range| range.contains(ip))
+    }
+}
+
+/// Per-workload counters reported to the autoscaler, and its metrics.
+pub struct WorkloadLoad {
+    /// Prometheus handles of this workload.
+    pub metrics: WorkloadMetrics,
+    /// Requests being served by endpoints now.
+    pub in_flight: AtomicU64,
+    /// Requests held waiting for an endpoint now.
+    pub held: AtomicU64,
+    /// Requests started since the last stats report.
+    pub requests: AtomicU64,
+}
+
+impl WorkloadLoad {
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0 && self.held.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Shared state of the gateway.
+pub struct Gateway {
+    pub(super) tables: watch::Receiver<Arc<RoutingTable>>,
+    pub(super) loads: Arc<EndpointLoads>,
+    workloads: RwLock<FastMap<WorkloadKey, Arc<WorkloadLoad>>>,
+    /// Wakes the demand sender when a workload gets its first held request.
+    pub demand: Notify,
+    pub(super) metrics: GatewayMetrics,
+    /// Limits and deadlines.
+    pub settings: Settings,
+    /// This replica's name in protocol messages.
+    pub id: String,
+}
+
+impl Gateway {
+    /// The gateway for `tables`.
+    pub fn new(
+        settings: Settings,
+        tables: watch::Receiver<Arc<RoutingTable>>,
+        metrics: GatewayMetrics,
+        id: String,
+    ) -> Self {
+        Self {
+            tables,
+            loads: Arc::default(),
+            workloads: RwLock::default(),
+            demand: Notify::new(),
+            metrics,
+            settings,
+            id,
+        }
+    }
+
+    /// The routing table in force.
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.tables.borrow().clone()
+    }
+
+    /// Counters of one workload.
+    pub fn load_of(&self, key: &WorkloadKey) -> Arc<WorkloadLoad> {
+        if let Some(load) = self.workloads.read().expect("workloads lock").get(key) {
+            return load.clone();
+        }
+        self.workloads
+            .write()
+            .expect("workloads lock")
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(WorkloadLoad {
+                    metrics: self.metrics.workload(key),
+                    in_flight: AtomicU64::new(0),
+                    held: AtomicU64::new(0),
+                    requests: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Every workload's counters.
+    pub fn loads(&self) -> Vec<(WorkloadKey, Arc<WorkloadLoad>)> {
+        self.workloads
+            .read()
+            .expect("workloads lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Forgets what belongs to workloads, routes and endpoints that left
+    /// `table` and carry no request now: their counters, their metric
+    /// series, and the load entries of their endpoints. A workload whose
+    /// requests are still in flight is forgotten at a later pruning.
+    pub fn prune(&self, table: &RoutingTable) {
+        let live: HashSet<SocketAddr> = table
+            .workloads()
+            .flat_map(|w| w.endpoints.iter().copied())
+            .collect();
+        self.loads.retain(&live);
+        let routes = table.routes_by_workload();
+        let mut workloads = self.workloads.write().expect("workloads lock");
+        workloads.retain(|key, load| {
+            let keep = table.workload(key).is_some() || !load.idle();
+            if keep {
+                load.metrics
+                    .retain_routes(|route| routes.get(key).is_some_and(|r| r.contains(route)));
+            } else {
+                load.metrics.remove();
+            }
+            keep
+        });
+    }
+
+    /// Prunes after every change of the routing table, until it is dropped.
+    pub async fn prune_on_change(self: Arc<Self>) {
+        let mut tables = self.tables.clone();
+        while tables.changed().await.is_ok() {
+            let table = tables.borrow_and_update().clone();
+            self.prune(&table);
+        }
+    }
+}
+
+/// A new request id: 32 random hex digits, without going through a formatter.
+pub fn request_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let bits = (u128::from(fastrand::u64(..)) << 64) | u128::from(fastrand::u64(..));
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((bits >> (4 * i)) & 0xf) as usize];
+    }
+    id
+}
