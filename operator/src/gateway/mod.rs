@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod source;
 pub mod state;
 pub mod table;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -524,6 +524,11 @@ pub fn parse_response<T>(
     {
         return Err("unsupported Transfer-Encoding in the response");
     }
+    // HTTP/1.0 has no transfer codings: such a message was framed by
+    // someone who did not understand it (RFC 9112, section 6.1).
+    if transfer_encoding.is_some() && http10 {
+        return Err("Transfer-Encoding in an HTTP/1.0 response");
+    }
     if status == 101 && !(asked.websocket && websocket && connection_upgrade) {
         return Err("switched protocols unasked");
     }
@@ -810,6 +815,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 1,1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.1 101 Switching\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
         ] {
             assert!(

@@ -8,6 +8,8 @@
 //! straight into the bytes sent on; bodies are moved as they arrive. This is
 //! the gateway's hot path.
 
+#[cfg(test)]
+mod against_hyper;
 pub mod body;
 pub mod head;
 pub mod pool;
