@@ -10,6 +10,8 @@
 //! - `x-echo-status`: answer with this status code.
 //! - `x-echo-stream-chunks`: stream the answer as this many chunks, 10 ms apart.
 //! - `x-echo-body: 1`: append the request body to the answer.
+//! - `x-echo-size: N`: answer with exactly N bytes (up to 16 MiB) instead
+//!   (benchmarks of large responses).
 //! - `GET /ws` with a websocket upgrade: echo every message back.
 //! - `GET /healthz`: `ok`, for readiness probes.
 
@@ -145,6 +147,9 @@ async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<B
         .unwrap_or(StatusCode::OK);
     let chunks = header(&request, "x-echo-stream-chunks").and_then(|v| v.parse::<usize>().ok());
     let echo_body = header(&request, "x-echo-body") == Some("1");
+    let size = header(&request, "x-echo-size")
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|n| n.min(FILL_BYTES));
     let forwarded_for = header(&request, "x-forwarded-for")
         .unwrap_or("-")
         .to_string();
@@ -172,8 +177,9 @@ async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<B
     if echo_body {
         answer.push_str(&String::from_utf8_lossy(&body));
     }
-    let mut response = match chunks {
-        Some(n) if n > 0 => stream(status, answer, n),
+    let mut response = match (chunks, size) {
+        (_, Some(n)) => sized(status, n),
+        (Some(n), _) if n > 0 => stream(status, answer, n),
         _ => text(status, answer),
     };
     response.headers_mut().insert(
@@ -181,6 +187,20 @@ async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<B
         name.parse().unwrap_or(http::HeaderValue::from_static("?")),
     );
     Ok(response)
+}
+
+/// Largest `x-echo-size`.
+const FILL_BYTES: usize = 16 << 20;
+
+/// A body of exactly `n` bytes, from one buffer made once.
+fn sized(status: StatusCode, n: usize) -> Response<Body> {
+    static FILL: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let fill = FILL.get_or_init(|| Bytes::from(vec![b'x'; FILL_BYTES]));
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/octet-stream")
+        .body(Full::new(fill.slice(..n)).boxed())
+        .expect("valid response")
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {

@@ -353,9 +353,11 @@ async fn handle(
             seen: 0,
             idle: gateway.settings.idle_timeout,
         };
+        let mut scratch = Vec::new();
         let request = lifecycle::Request {
             resolved,
             upstream_head: &mut upstream_head,
+            scratch: &mut scratch,
             framing,
             idempotent,
             asked,

@@ -222,6 +222,13 @@ pub(super) trait Downstream {
     fn push(&mut self, data: &[u8]);
     /// Sends what was taken; with `last`, ends the response.
     async fn flush(&mut self, last: bool) -> Result<(), ProxyError>;
+    /// Sends what was taken and then `data` (with `last`, the end of the
+    /// response): [`Downstream::push`] and [`Downstream::flush`], which an
+    /// adapter may do without copying `data`.
+    async fn send(&mut self, data: &[u8], last: bool) -> Result<(), ProxyError> {
+        self.push(data);
+        self.flush(last).await
+    }
     /// After a `101`: moves bytes both ways between the client and
     /// `upstream` (which already sent `early`) until either side closes or
     /// both are silent for the tunnel idle timeout.
@@ -294,6 +301,9 @@ pub(super) struct Request<'a> {
     /// Request line and headers for the upstream, without framing headers
     /// and the final empty line.
     pub(super) upstream_head: &'a mut Vec<u8>,
+    /// A buffer for the head and body on their way upstream (kept from
+    /// request to request by the adapter).
+    pub(super) scratch: &'a mut Vec<u8>,
     /// How the client delimits its body (`Chunked`: of unknown length).
     pub(super) framing: Framing,
     /// Safe to send twice (RFC 9110 idempotent methods).
@@ -412,23 +422,12 @@ async fn exchange<D: Downstream>(
         Encoder::Raw
     };
 
-    // Pick and attempt, within the request's deadline.
-    let answer = tokio::time::timeout_at(
-        deadline,
-        attempts(gateway, pool, request, &target, &payload, encoder, down),
+    // Pick and attempt, within the request's deadline (checked at each
+    // step, and the wait for the response head ends at it).
+    let answer = attempts(
+        gateway, pool, request, &target, &payload, encoder, deadline, down,
     )
-    .await
-    .map_err(|_| {
-        ProxyError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            Origin::Upstream,
-            Kind::UpstreamTimeout,
-            format!(
-                "{} did not answer within {:?}",
-                target.key, target.request_timeout
-            ),
-        )
-    })??;
+    .await?;
 
     // Relay.
     let status = StatusCode::from_u16(answer.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -620,13 +619,15 @@ enum AttemptError {
 /// fresh connection when a kept one turns out to be closed before any
 /// response byte, if the request is idempotent and its body can be sent
 /// again. Nothing else is retried.
+#[allow(clippy::too_many_arguments)]
 async fn attempts<D: Downstream>(
     gateway: &Gateway,
     pool: &Pool,
-    request: &Request<'_>,
+    request: &mut Request<'_>,
     target: &WorkloadTarget,
     payload: &Payload,
     encoder: Encoder,
+    deadline: Instant,
     down: &mut D,
 ) -> Result<Answer, ProxyError> {
     let replayable = matches!(payload, Payload::Buffered(_)) || request.framing.is_empty();
@@ -634,6 +635,9 @@ async fn attempts<D: Downstream>(
     let mut fresh_only = false;
     let mut last_error = None;
     loop {
+        if Instant::now() >= deadline {
+            return Err(too_late(target));
+        }
         let Some((endpoint, in_flight)) = gateway.loads.pick_untried(&target.endpoints, &tried)
         else {
             return Err(last_error.unwrap_or_else(|| {
@@ -655,7 +659,15 @@ async fn attempts<D: Downstream>(
         let reused = kept.is_some();
         let upstream = match kept {
             Some(upstream) => upstream,
-            None => match pool::connect(endpoint, gateway.settings.connect_timeout).await {
+            None => match pool::connect(
+                endpoint,
+                gateway
+                    .settings
+                    .connect_timeout
+                    .min(deadline - Instant::now()),
+            )
+            .await
+            {
                 Ok(upstream) => upstream,
                 Err(error) => {
                     tracing::debug!(%endpoint, %error, "connect failed; trying another endpoint");
@@ -673,7 +685,11 @@ async fn attempts<D: Downstream>(
             },
         };
         let serving = Serving::start(&request.resolved.load);
-        match attempt(gateway, request, upstream, endpoint, payload, encoder, down).await {
+        match attempt(
+            gateway, request, upstream, endpoint, payload, encoder, deadline, down,
+        )
+        .await
+        {
             Ok((upstream, head)) => {
                 return Ok(Answer {
                     upstream,
@@ -707,30 +723,43 @@ const MAX_INTERIM: usize = 8;
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
+/// A 504 for a request whose deadline passed before its response head.
+fn too_late(target: &WorkloadTarget) -> ProxyError {
+    ProxyError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        Origin::Upstream,
+        Kind::UpstreamTimeout,
+        format!(
+            "{} did not answer within {:?}",
+            target.key, target.request_timeout
+        ),
+    )
+}
+
 /// Sends the request on `upstream` and reads the response head (passing
-/// informational ones on).
+/// informational ones on), by `deadline` and within the response-head
+/// timeout from the moment the request was sent.
+#[allow(clippy::too_many_arguments)]
 async fn attempt<D: Downstream>(
     gateway: &Gateway,
-    request: &Request<'_>,
+    request: &mut Request<'_>,
     mut upstream: Upstream,
     endpoint: SocketAddr,
     payload: &Payload,
     encoder: Encoder,
+    deadline: Instant,
     down: &mut D,
 ) -> Result<(Upstream, head::ResponseHead), AttemptError> {
     let idle = gateway.settings.idle_timeout;
     let before = AttemptError::BeforeResponse;
-    let mut out = Vec::with_capacity(request.upstream_head.len() + 512);
-    out.extend_from_slice(request.upstream_head);
     match payload {
-        Payload::Buffered(body) => {
-            out.extend_from_slice(body);
-            body::write_within(&mut upstream.stream, &out, idle)
+        Payload::Streamed if request.framing.is_empty() => {
+            body::write_within(&mut upstream.stream, request.upstream_head, idle)
                 .await
                 .map_err(before)?;
         }
-        Payload::Streamed if request.framing.is_empty() => {
-            body::write_within(&mut upstream.stream, &out, idle)
+        Payload::Buffered(body) => {
+            body::write_two_within(&mut upstream.stream, request.upstream_head, body, idle)
                 .await
                 .map_err(before)?;
         }
@@ -739,24 +768,31 @@ async fn attempt<D: Downstream>(
                 down.send_continue().await;
             }
             let limit = gateway.settings.max_body_bytes as u64;
+            let out = &mut *request.scratch;
+            out.clear();
+            out.extend_from_slice(request.upstream_head);
             loop {
                 let done = down
-                    .read_body(limit, encoder, &mut out)
+                    .read_body(limit, encoder, out)
                     .await
                     .map_err(|error| AttemptError::Failed(client_body_error(gateway, error)))?;
-                body::write_within(&mut upstream.stream, &out, idle)
-                    .await
-                    .map_err(before)?;
+                let written = body::write_within(&mut upstream.stream, out, idle).await;
                 out.clear();
+                if out.capacity() > 256 * 1024 {
+                    out.shrink_to(64 * 1024);
+                }
+                written.map_err(before)?;
                 if done {
                     break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(AttemptError::Failed(too_late(&request.resolved.target)));
                 }
             }
         }
     }
 
-    // The response head, after any informational responses, within the
-    // response-head timeout (the request deadline also runs).
+    // The response head, after any informational responses.
     let bad = |message: &str| {
         AttemptError::Failed(ProxyError::new(
             StatusCode::BAD_GATEWAY,
@@ -767,6 +803,7 @@ async fn attempt<D: Downstream>(
     };
     let head_timeout = gateway.settings.response_head_timeout;
     let head_by = Instant::now() + head_timeout;
+    let wait_until = head_by.min(deadline);
     let mut interim = 0;
     loop {
         let parsed = head::parse_response(&upstream.buf, request.asked, |response| {
@@ -780,19 +817,22 @@ async fn attempt<D: Downstream>(
         let response = match parsed {
             Ok(Some((response, ()))) => response,
             Ok(None) if upstream.buf.len() < MAX_RESPONSE_HEAD => {
-                let read = tokio::time::timeout_at(
-                    head_by,
+                let Ok(read) = tokio::time::timeout_at(
+                    wait_until,
                     body::fill(&mut upstream.stream, &mut upstream.buf),
                 )
                 .await
-                .map_err(|_| {
-                    AttemptError::Failed(ProxyError::new(
+                else {
+                    if wait_until == deadline {
+                        return Err(AttemptError::Failed(too_late(&request.resolved.target)));
+                    }
+                    return Err(AttemptError::Failed(ProxyError::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         Origin::Upstream,
                         Kind::UpstreamTimeout,
                         format!("{endpoint} sent no response head within {head_timeout:?}"),
-                    ))
-                })?;
+                    )));
+                };
                 match read {
                     Ok(n) if n > 0 => continue,
                     Ok(_) if upstream.buf.is_empty() && interim == 0 => {
@@ -851,18 +891,28 @@ async fn relay<D: Downstream>(
     };
     let mut decoder = Decoder::new(head.framing, u64::MAX);
     loop {
+        // The pieces of one read go out together. The one that ends the
+        // body or the buffer is sent from the buffer itself (no copy).
+        let mut sent = false;
         while let Some(n) = decoder
             .next(&mut upstream.buf)
             .map_err(|error| broken(Kind::BadResponse, format!("response body: {error:?}")))?
         {
+            if decoder.done() || upstream.buf.len() == n {
+                down.send(&upstream.buf[..n], decoder.done()).await?;
+                upstream.buf.advance(n);
+                sent = true;
+                break;
+            }
             down.push(&upstream.buf[..n]);
             upstream.buf.advance(n);
         }
+        if !sent {
+            down.flush(decoder.done()).await?;
+        }
         if decoder.done() {
-            down.flush(true).await?;
             break;
         }
-        down.flush(false).await?;
         match body::fill_within(&mut upstream.stream, &mut upstream.buf, idle).await {
             Ok(0) => decoder.closed().map_err(|_| {
                 broken(

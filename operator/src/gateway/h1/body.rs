@@ -8,7 +8,8 @@
 //! whatever another parser would have made of the original.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
 use tokio::time::Duration;
 
 /// Bytes asked of the kernel per read, at least.
@@ -371,21 +372,57 @@ pub async fn fill_within<S: AsyncRead + Unpin>(
 
 /// Writes all of `bytes`, failing with `TimedOut` when the peer takes
 /// nothing for `idle` (progress resets the clock, so a large write to a
-/// reader that keeps up is never cut).
-pub async fn write_within<S: AsyncWrite + Unpin>(
-    stream: &mut S,
+/// reader that keeps up is never cut). What the socket takes at once is
+/// written without setting up a timer.
+pub async fn write_within(
+    stream: &mut TcpStream,
     mut bytes: &[u8],
     idle: Duration,
 ) -> std::io::Result<()> {
     while !bytes.is_empty() {
-        match tokio::time::timeout(idle, stream.write(bytes)).await {
-            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(Ok(n)) => bytes = &bytes[n..],
-            Ok(Err(error)) => return Err(error),
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        match stream.try_write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(idle, stream.writable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(error) => return Err(error),
         }
     }
     Ok(())
+}
+
+/// Writes all of `first` then all of `second` (one vectored write when the
+/// socket takes both at once, so neither is copied), with the idle timeout
+/// of [`write_within`].
+pub async fn write_two_within(
+    stream: &mut TcpStream,
+    mut first: &[u8],
+    mut second: &[u8],
+    idle: Duration,
+) -> std::io::Result<()> {
+    while !first.is_empty() {
+        let slices = [std::io::IoSlice::new(first), std::io::IoSlice::new(second)];
+        match stream.try_write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) if n >= first.len() => {
+                second = &second[n - first.len()..];
+                first = &[];
+            }
+            Ok(n) => first = &first[n..],
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(idle, stream.writable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    write_within(stream, second, idle).await
 }
 
 /// Whether an I/O error is an idle timeout of [`fill_within`] or

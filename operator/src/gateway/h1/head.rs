@@ -216,62 +216,101 @@ pub fn push_decimal(n: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&digits[i..]);
 }
 
+/// Byte classes of request targets and hosts, looked up per byte.
+const PATH: u8 = 1;
+const QUERY: u8 = 2;
+const HOST: u8 = 4;
+
 /// Characters of a path (RFC 3986 `pchar` and `/`, plus `"`, `{`, `}`, `|`,
 /// `[`, `]`, `\` and `^`, which clients send unescaped and common parsers
-/// accept) and of a query (the same and `?`, without `"`). Non-ASCII bytes
-/// are allowed (the target is already known to be UTF-8).
-fn target_char(b: u8, in_query: bool) -> bool {
-    match b {
-        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => true,
-        b'-' | b'.' | b'_' | b'~' | b'%' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*'
-        | b'+' | b',' | b';' | b'=' | b':' | b'@' | b'/' => true,
-        b'{' | b'}' | b'|' | b'[' | b']' | b'\\' | b'^' => true,
-        b'"' => !in_query,
-        b'?' => in_query,
-        0x80..=0xff => true,
-        _ => false,
+/// accept) and of a query (the same and `?`, without `"`); characters of a
+/// registered host name (unreserved, sub-delims and `%`). Non-ASCII bytes
+/// may be in a target (it is already known to be UTF-8), never in a host.
+const CLASSES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        let c = b as u8;
+        let mut class = 0;
+        if c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+        {
+            class = PATH | QUERY | HOST;
+        } else if matches!(
+            c,
+            b':' | b'@' | b'/' | b'{' | b'}' | b'|' | b'[' | b']' | b'\\' | b'^'
+        ) {
+            class = PATH | QUERY;
+        } else if c == b'"' {
+            class = PATH;
+        } else if c == b'?' {
+            class = QUERY;
+        } else if c >= 0x80 {
+            class = PATH | QUERY;
+        }
+        table[b] = class;
+        b += 1;
     }
-}
+    table
+};
 
 /// Whether a path-and-query has only characters a target may have.
 pub fn valid_path_and_query(target: &str) -> bool {
-    let mut in_query = false;
-    target.bytes().all(|b| {
-        if b == b'?' && !in_query {
-            in_query = true;
-            return true;
-        }
-        target_char(b, in_query)
-    })
+    let bytes = target.as_bytes();
+    let query = bytes.iter().position(|&b| b == b'?').unwrap_or(bytes.len());
+    bytes[..query]
+        .iter()
+        .all(|&b| CLASSES[b as usize] & PATH != 0)
+        && bytes[query..]
+            .iter()
+            .all(|&b| CLASSES[b as usize] & QUERY != 0)
 }
 
 /// Whether `host` is `host[:port]`: a registered name (letters, digits and
 /// `-._~!$&'()*+,;=%`), an IPv4 address, or an IPv6 literal in brackets;
 /// the port digits only. The empty value is allowed (RFC 9112, section 3.2).
 pub fn valid_authority(host: &str) -> bool {
-    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
-        let Some((literal, after)) = rest.split_once(']') else {
+    let bytes = host.as_bytes();
+    let (name, port): (&[u8], &[u8]) = if bytes.first() == Some(&b'[') {
+        let Some(close) = bytes.iter().position(|&b| b == b']') else {
             return false;
         };
+        let literal = &host[1..close];
         if literal.parse::<std::net::Ipv6Addr>().is_err() {
             return false;
         }
-        match after.strip_prefix(':') {
-            Some(port) => ("", Some(port)),
-            None if after.is_empty() => ("", None),
-            None => return false,
+        match &bytes[close + 1..] {
+            [] => (&[], &[]),
+            [b':', port @ ..] if !port.is_empty() => (&[], port),
+            _ => return false,
         }
     } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) => (name, Some(port)),
-            None => (host, None),
+        match bytes.iter().rposition(|&b| b == b':') {
+            Some(colon) if colon + 1 < bytes.len() => (&bytes[..colon], &bytes[colon + 1..]),
+            Some(_) => return false,
+            None => (bytes, &[]),
         }
     };
-    let name_ok = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b));
-    let port_ok = port.is_none_or(|p| p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
-    name_ok && port_ok
+    name.iter().all(|&b| CLASSES[b as usize] & HOST != 0)
+        && port.len() <= 5
+        && port.iter().all(u8::is_ascii_digit)
 }
 
 /// `/path?q` as it is, or `http://authority/path?q` split into its parts.
@@ -317,10 +356,17 @@ fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
 /// fits: the only form both sides of a proxy read the same way.
 pub fn parse_length(value: &[u8]) -> Option<u64> {
     let value = value.trim_ascii();
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+    if value.is_empty() || value.len() > 19 {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    let mut n: u64 = 0;
+    for &b in value {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u64::from(b - b'0');
+    }
+    Some(n)
 }
 
 /// What the headers of a request say about framing and forwarding.
@@ -420,7 +466,7 @@ impl Response<'_> {
         for header in self.headers {
             let name = header.name;
             if hop_by_hop(name)
-                || is(name, "content-length")
+                || (name.len() == 14 && is(name, "content-length"))
                 || self
                     .connection_named
                     .iter()

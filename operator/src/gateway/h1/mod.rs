@@ -70,6 +70,7 @@ pub async fn serve(
         scheme: "http",
     };
     let mut upstream_head = Vec::with_capacity(1024);
+    let mut scratch = Vec::new();
     let mut out = Vec::with_capacity(1024);
     loop {
         // Read until a whole head is buffered: the head within the header
@@ -192,6 +193,7 @@ pub async fn serve(
                 let proxied = lifecycle::Request {
                     resolved,
                     upstream_head: &mut upstream_head,
+                    scratch: &mut scratch,
                     framing: request.framing,
                     idempotent: request.idempotent,
                     asked: Asked {
@@ -412,14 +414,27 @@ impl Downstream for Client<'_> {
     }
 
     async fn flush(&mut self, last: bool) -> Result<(), ProxyError> {
-        if last {
-            self.encoder.finish(self.out);
-        }
-        if self.out.is_empty() {
-            return Ok(());
-        }
+        self.send(&[], last).await
+    }
+
+    async fn send(&mut self, data: &[u8], last: bool) -> Result<(), ProxyError> {
+        let written = if self.encoder == Encoder::Raw {
+            // The data goes out as it is: after what is buffered, uncopied.
+            if self.out.is_empty() && data.is_empty() {
+                return Ok(());
+            }
+            body::write_two_within(self.stream, self.out, data, self.idle).await
+        } else {
+            self.encoder.push(data, self.out);
+            if last {
+                self.encoder.finish(self.out);
+            }
+            if self.out.is_empty() {
+                return Ok(());
+            }
+            body::write_within(self.stream, self.out, self.idle).await
+        };
         self.head_sent = true;
-        let written = body::write_within(self.stream, self.out, self.idle).await;
         self.out.clear();
         if self.out.capacity() > 256 * 1024 {
             self.out.shrink_to(64 * 1024);

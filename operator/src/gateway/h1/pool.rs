@@ -13,8 +13,13 @@ use tokio::net::TcpStream;
 
 use crate::gateway::table::FastMap;
 
-/// Idle connections kept per endpoint, at most.
-const MAX_IDLE_PER_ENDPOINT: usize = 256;
+/// Idle connections kept per endpoint and thread, at most. As many as a
+/// thread's busiest moment needed (a cap of 256 made 1,000 concurrent
+/// clients open and close an upstream connection every twentieth request).
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+/// A kept connection's read buffer is given back above this size (one
+/// large response must not pin its buffer for the connection's life).
+const MAX_IDLE_BUFFER: usize = 16 * 1024;
 /// An idle connection unused this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -67,6 +72,9 @@ impl Pool {
     /// Keeps a connection whose last exchange ended cleanly.
     pub fn checkin(&self, endpoint: SocketAddr, mut upstream: Upstream) {
         upstream.idle_since = Instant::now();
+        if upstream.buf.capacity() > MAX_IDLE_BUFFER {
+            upstream.buf = BytesMut::with_capacity(8 * 1024);
+        }
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(endpoint).or_default();
         if list.len() < MAX_IDLE_PER_ENDPOINT {
