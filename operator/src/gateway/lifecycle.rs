@@ -722,6 +722,8 @@ async fn attempts<D: Downstream>(
 const MAX_INTERIM: usize = 8;
 /// Largest upstream response head.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Bytes asked of the kernel per read of a response body.
+const RELAY_READ: usize = 64 * 1024;
 
 /// A 504 for a request whose deadline passed before its response head.
 fn too_late(target: &WorkloadTarget) -> ProxyError {
@@ -913,6 +915,8 @@ async fn relay<D: Downstream>(
         if decoder.done() {
             break;
         }
+        // Large bodies in large reads: one system call per 64 KiB.
+        upstream.buf.reserve(RELAY_READ);
         match body::fill_within(&mut upstream.stream, &mut upstream.buf, idle).await {
             Ok(0) => decoder.closed().map_err(|_| {
                 broken(

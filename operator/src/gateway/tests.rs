@@ -1071,3 +1071,125 @@ async fn churned_endpoints_and_workloads_leave_no_load_entry_or_metric_series_be
     assert!(gateway.loads().is_empty());
     assert!(gateway.loads.is_empty());
 }
+
+#[tokio::test]
+async fn http2_requests_go_through_the_same_lifecycle_to_http1_upstreams() {
+    // On the real clock: hyper's HTTP/2 client and server wake each other
+    // in ways tokio's paused clock mistakes for idleness.
+    use http_body_util::{BodyExt, Full};
+    let harness = Harness::start(settings()).await;
+    let stream = harness.client().await;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("http://shop/web/h2?x=1")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("x-forwarded-proto", "https")
+        .body(Full::new(bytes::Bytes::from_static(b"hello")))
+        .unwrap();
+    let answer = tokio::spawn(async move { sender.send_request(request).await });
+    let mut upstream = harness.accept().await;
+    let seen = read_message(&mut upstream, &mut Vec::new()).await;
+    upstream
+        .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n2\r\nh2\r\n0\r\nX-T: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let response = answer.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("connection").is_none());
+    let body = response.into_body().collect().await.unwrap();
+    assert!(body.trailers().is_none(), "trailers are not passed on");
+    assert_eq!(&body.to_bytes()[..], b"h2");
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(lines[0], "POST /web/h2?x=1 HTTP/1.1", "{seen:?}");
+    assert_eq!(lines[1], "host: shop", "{seen:?}");
+    assert!(
+        seen.contains("cookie: a=1; b=2\r\n"),
+        "cookies joined for HTTP/1.1: {seen:?}"
+    );
+    assert!(
+        seen.contains("x-forwarded-proto: http\r\n") && !seen.contains("https"),
+        "{seen:?}"
+    );
+    assert!(seen.ends_with("content-length: 5\r\n\r\nhello"), "{seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_connection_without_streams_is_closed_after_the_keep_alive_timeout() {
+    let harness = Harness::start(Settings {
+        keep_alive_timeout: Duration::from_secs(75),
+        ..settings()
+    })
+    .await;
+    let mut client = harness.client().await;
+    let started = Instant::now();
+    client.write_all(super::HTTP2_PREFACE).await.unwrap();
+    // An empty SETTINGS frame, then nothing but answers to pings.
+    client
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    let mut frames = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(LONG, client.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                frames.extend_from_slice(&chunk[..n]);
+                // Answer PING frames (type 6) so only idleness closes it.
+                while let Some(ping) = find_ping(&frames) {
+                    let mut pong = [0u8; 17];
+                    pong[..9].copy_from_slice(&[0, 0, 8, 6, 1, 0, 0, 0, 0]);
+                    pong[9..].copy_from_slice(&frames[ping + 9..ping + 17]);
+                    frames.drain(..ping + 17);
+                    client.write_all(&pong).await.unwrap();
+                }
+            }
+        }
+    }
+    let closed = started.elapsed();
+    assert!(
+        closed >= Duration::from_secs(75) && closed < Duration::from_secs(76),
+        "{closed:?}"
+    );
+    // A GOAWAY (type 7) told the client before the close.
+    assert!(has_frame(&frames, 7), "no GOAWAY");
+}
+
+/// The offset of the first PING frame (not an ACK) in `frames`, if complete.
+fn find_ping(frames: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while at + 9 <= frames.len() {
+        let len = (usize::from(frames[at]) << 16)
+            | (usize::from(frames[at + 1]) << 8)
+            | usize::from(frames[at + 2]);
+        if at + 9 + len > frames.len() {
+            return None;
+        }
+        if frames[at + 3] == 6 && frames[at + 4] & 1 == 0 {
+            return Some(at);
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+/// Whether `frames` hold a frame of `kind`.
+fn has_frame(frames: &[u8], kind: u8) -> bool {
+    let mut at = 0;
+    while at + 9 <= frames.len() {
+        let len = (usize::from(frames[at]) << 16)
+            | (usize::from(frames[at + 1]) << 8)
+            | usize::from(frames[at + 2]);
+        if frames[at + 3] == kind {
+            return true;
+        }
+        at += 9 + len;
+    }
+    false
+}

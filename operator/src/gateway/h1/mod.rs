@@ -38,6 +38,9 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 1 << 20;
 /// Most bytes read ahead from a client whose request is held.
 const READ_AHEAD_WHILE_HELD: usize = 64 * 1024;
+/// Response data up to this size is copied behind the head and written
+/// with it; larger pieces are written from where they are.
+const COPY_BELOW: usize = 4 * 1024;
 /// What a server sends a client waiting to send its body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -418,12 +421,17 @@ impl Downstream for Client<'_> {
     }
 
     async fn send(&mut self, data: &[u8], last: bool) -> Result<(), ProxyError> {
-        let written = if self.encoder == Encoder::Raw {
-            // The data goes out as it is: after what is buffered, uncopied.
-            if self.out.is_empty() && data.is_empty() {
+        let written = if self.encoder == Encoder::Raw && data.len() > COPY_BELOW {
+            // A large piece goes out as it is, after what is buffered: one
+            // vectored write, no copy.
+            body::write_two_within(self.stream, self.out, data, self.idle).await
+        } else if self.encoder == Encoder::Raw {
+            // A small one is cheaper to copy than to write from two places.
+            self.out.extend_from_slice(data);
+            if self.out.is_empty() {
                 return Ok(());
             }
-            body::write_two_within(self.stream, self.out, data, self.idle).await
+            body::write_within(self.stream, self.out, self.idle).await
         } else {
             self.encoder.push(data, self.out);
             if last {

@@ -18,8 +18,9 @@ use crate::gateway::table::FastMap;
 /// clients open and close an upstream connection every twentieth request).
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 /// A kept connection's read buffer is given back above this size (one
-/// large response must not pin its buffer for the connection's life).
-const MAX_IDLE_BUFFER: usize = 16 * 1024;
+/// huge response must not pin its buffer for the connection's life; the
+/// 64 KiB a body is read with stay).
+const MAX_IDLE_BUFFER: usize = 80 * 1024;
 /// An idle connection unused this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
