@@ -150,7 +150,7 @@ async fn main() -> Result<()> {
         deployments
             .patch(
                 "cold-fn",
-                &PatchParams::apply(tandem::controller::AUTOSCALER_MANAGER).force(),
+                &PatchParams::apply(tandem::api::contract::AUTOSCALER_MANAGER).force(),
                 &Patch::Apply(&zero),
             )
             .await?;

@@ -247,7 +247,11 @@ fn median(mut values: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = args()?;
-    let control_plane = ControlPlane::start_with(Options { audit_log: true }).await?;
+    let control_plane = ControlPlane::start_with(Options {
+        audit_log: true,
+        ..Options::default()
+    })
+    .await?;
     let client = control_plane.client().await?;
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());

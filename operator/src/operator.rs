@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::api::Duration as KubeDuration;
 use crate::controller::{self, ControllerSettings, metrics::ControllerMetrics};
-use crate::leader::{self, LeaseConfig};
+use crate::leader::{self, Fence, FenceLayer, LeaseConfig};
 use crate::telemetry::LogFormat;
 
 /// Flags of `tandem operator`.
@@ -80,9 +80,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(args: OperatorArgs) -> Result<()> {
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("connect to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+        .context("find the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    // Lease calls go through a client of their own; every other write goes
+    // through the lease's fence (see `leader`).
+    let lease_client = kube::Client::try_from(config.clone()).context("a Kubernetes client")?;
+    let fence = if args.leader_election {
+        Fence::new()
+    } else {
+        Fence::unfenced(crate::autoscaler::run::WRITE_TIMEOUT)
+    };
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("a Kubernetes client")?
+        .with_layer(&FenceLayer(fence.clone()))
+        .build();
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
     let admin_state = AdminState::new(registry);
@@ -118,24 +130,20 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
 
     let mut lease = None;
     if args.leader_election {
-        let config = LeaseConfig {
-            lease_duration: args.lease_duration,
-            renew_deadline: args.lease_duration * 2 / 3,
-            renew_every: (args.lease_duration / 7).max(Duration::from_millis(200)),
-            ..LeaseConfig::new(
-                args.lease_namespace
-                    .clone()
-                    .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                    .unwrap_or_else(|| "default".into()),
-                args.lease_name.clone(),
-                identity(args.identity.clone()),
-            )
-        };
+        let config = LeaseConfig::new(
+            args.lease_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".into()),
+            args.lease_name.clone(),
+            identity(args.identity.clone()),
+            args.lease_duration,
+        );
         // A standby replica is healthy and ready to take over.
         admin_state.set_ready(true, "standby, waiting for the lease");
-        tracing::info!(identity = %config.identity, lease = %config.name, "waiting for leadership");
+        tracing::info!(identity = %config.identity, lease = %config.name, duration = ?config.lease_duration, renew_deadline = ?config.renew_deadline, retry = ?config.renew_every, "waiting for leadership");
         tokio::select! {
-            held = leader::acquire(client.clone(), config) => lease = Some(held),
+            held = leader::acquire(lease_client, config, fence.clone()) => lease = Some(held),
             _ = stopped() => return Ok(()),
         }
         admin_state.set_ready(false, "leading, watches not synced yet");
@@ -148,7 +156,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     };
     let _ = lead_tx.send(());
     let autoscaler_listener = standby.await.context("standby autoscaler endpoint")?;
-    tokio::spawn(crate::autoscaler::run::run(
+    let mut autoscaler = tokio::spawn(crate::autoscaler::run::run(
         client.clone(),
         autoscaler_listener,
         args.watch_namespace.clone(),
@@ -161,20 +169,29 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         move || ready.set_ready(true, "leading, watches synced"),
         stopped(),
     );
-    match lease {
-        Some(mut held) => {
-            tokio::select! {
-                _ = controller => {}
-                _ = held.lost() => {
-                    // Stop writing at once: exit, and let Kubernetes restart
-                    // us as a candidate.
-                    tracing::error!("lost the leader lease; exiting");
-                    std::process::exit(1);
-                }
-            }
-            held.release().await;
+    let lost = async {
+        match lease.as_mut() {
+            Some(held) => held.lost().await,
+            None => std::future::pending().await,
         }
-        None => controller.await,
+    };
+    // Whatever ends first decides: a shutdown ends the controller; a lost
+    // lease (its fence already closed) or a dead autoscaler ends the
+    // process, so Kubernetes restarts it as a candidate.
+    tokio::select! {
+        _ = controller => {}
+        () = lost => {
+            tracing::error!("lost the leader lease; exiting");
+            std::process::exit(1);
+        }
+        ended = &mut autoscaler => {
+            tracing::error!(?ended, "the autoscaler stopped; exiting");
+            std::process::exit(1);
+        }
+    }
+    fence.close();
+    if let Some(held) = lease {
+        held.release().await;
     }
     tracing::info!("stopped");
     Ok(())

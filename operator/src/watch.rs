@@ -1,11 +1,14 @@
 //! Kubernetes watch plumbing used by the controller, the autoscaler and the
 //! gateway alike (mechanism only: no domain logic lives here).
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use kube::api::Api;
-use kube::runtime::reflector::{self, Lookup, Store};
+use futures::{Stream, StreamExt};
+use kube::Resource;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::reflector::{self, Lookup, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 
 /// An API for one namespace, or for all when `namespace` is `None`.
@@ -22,7 +25,7 @@ where
 /// Runs a reflector in its own task, so the cache keeps up whatever its
 /// readers are doing, and hands every watch event to `on_event`. Errors are
 /// logged and the watch retries with backoff: one bad event never stops it.
-pub fn spawn_cache<K, F, Fut>(api: Api<K>, config: watcher::Config, mut on_event: F) -> Store<K>
+pub fn spawn_cache<K, F, Fut>(api: Api<K>, config: watcher::Config, on_event: F) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -36,6 +39,17 @@ where
 {
     let (store, writer) = reflector::store();
     let events = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    spawn_events(events, on_event);
+    store
+}
+
+fn spawn_events<K, S, F, Fut>(events: S, mut on_event: F)
+where
+    K: kube::Resource<DynamicType = ()> + Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    F: FnMut(watcher::Event<K>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     tokio::spawn(async move {
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
@@ -45,6 +59,169 @@ where
             }
         }
     });
+}
+
+/// An object of a watch that could not be read as its type.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    /// Namespace, if any.
+    pub namespace: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Its uid (for an Event about it).
+    pub uid: Option<String>,
+    /// Its resourceVersion.
+    pub resource_version: Option<String>,
+    /// Why it could not be read.
+    pub error: String,
+}
+
+/// Told of every unreadable object, once per version of it.
+pub type OnUnreadable = Arc<dyn Fn(&Unreadable) + Send + Sync>;
+
+/// The watch events of `K`, read through untyped objects, so that one
+/// object that does not deserialize (stored before a schema change, or
+/// written by a newer version) is skipped, not the whole list: a typed
+/// watch fails the initial list on it, and with it the cache's sync. An
+/// unreadable object is logged and handed to `on_unreadable` once per
+/// version; the last version that was readable stays in `known` (which
+/// this stream must feed) until the object is deleted.
+pub fn tolerant_events<K>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    known: Store<K>,
+    on_unreadable: OnUnreadable,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api: Api<DynamicObject> = match namespace {
+        Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let reported: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let converted =
+                event.map(|event| convert::<K>(event, &known, &reported, on_unreadable.as_ref()));
+            std::future::ready(match converted {
+                Ok(Some(event)) => Some(Ok(event)),
+                Ok(None) => None,
+                Err(error) => Some(Err(error)),
+            })
+        })
+}
+
+fn convert<K>(
+    event: watcher::Event<DynamicObject>,
+    known: &Store<K>,
+    reported: &Mutex<HashSet<(String, String)>>,
+    on_unreadable: &(dyn Fn(&Unreadable) + Send + Sync),
+) -> Option<watcher::Event<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + 'static,
+{
+    let read = |object: &DynamicObject| -> Result<K, Unreadable> {
+        serde_json::to_value(object)
+            .and_then(serde_json::from_value::<K>)
+            .map_err(|error| Unreadable {
+                namespace: object.metadata.namespace.clone(),
+                name: object.metadata.name.clone().unwrap_or_default(),
+                uid: object.metadata.uid.clone(),
+                resource_version: object.metadata.resource_version.clone(),
+                error: error.to_string(),
+            })
+    };
+    let report = |unreadable: &Unreadable| {
+        let version = (
+            unreadable.uid.clone().unwrap_or_default(),
+            unreadable.resource_version.clone().unwrap_or_default(),
+        );
+        let mut reported = reported.lock().expect("reported lock");
+        if reported.len() > 10_000 {
+            reported.clear();
+        }
+        if reported.insert(version) {
+            tracing::warn!(
+                kind = %K::kind(&()),
+                namespace = ?unreadable.namespace,
+                name = %unreadable.name,
+                error = %unreadable.error,
+                "skipping an object that cannot be read (its last readable version, if any, stays in use)"
+            );
+            on_unreadable(unreadable);
+        }
+    };
+    match event {
+        watcher::Event::Init => Some(watcher::Event::Init),
+        watcher::Event::InitDone => Some(watcher::Event::InitDone),
+        watcher::Event::InitApply(object) => match read(&object) {
+            Ok(object) => Some(watcher::Event::InitApply(object)),
+            Err(unreadable) => {
+                report(&unreadable);
+                // Relisting drops what is not listed: keep the last readable
+                // version, as an update would.
+                last_known(known, &unreadable).map(watcher::Event::InitApply)
+            }
+        },
+        watcher::Event::Apply(object) => match read(&object) {
+            Ok(object) => Some(watcher::Event::Apply(object)),
+            Err(unreadable) => {
+                report(&unreadable);
+                None
+            }
+        },
+        watcher::Event::Delete(object) => match read(&object) {
+            Ok(object) => Some(watcher::Event::Delete(object)),
+            Err(unreadable) => last_known(known, &unreadable).map(watcher::Event::Delete),
+        },
+    }
+}
+
+fn last_known<K>(known: &Store<K>, unreadable: &Unreadable) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut key = ObjectRef::<K>::new(&unreadable.name);
+    if let Some(namespace) = &unreadable.namespace {
+        key = key.within(namespace);
+    }
+    known.get(&key).map(|object| (*object).clone())
+}
+
+/// [`spawn_cache`] for a watch that survives unreadable objects
+/// ([`tolerant_events`]).
+pub fn spawn_tolerant_cache<K, F, Fut>(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    config: watcher::Config,
+    on_event: F,
+    on_unreadable: OnUnreadable,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: FnMut(watcher::Event<K>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (store, writer) = reflector::store();
+    let events =
+        tolerant_events(client, namespace, config, store.clone(), on_unreadable).reflect(writer);
+    spawn_events(events, on_event);
     store
 }
 

@@ -23,6 +23,9 @@ pub struct Options {
     /// Write an audit log (`audit.log`, JSON, one line per request at
     /// metadata level) so a benchmark can count requests per user.
     pub audit_log: bool,
+    /// More kube-apiserver flags (a fault test may turn the watch cache
+    /// off and compact etcd often, so that resumed watches get 410 Gone).
+    pub apiserver_args: Vec<String>,
 }
 
 /// A running local control plane with its pod network.
@@ -166,6 +169,9 @@ impl ControlPlane {
             &log("kube-apiserver"),
         );
         apiserver.args.extend(audit_flags);
+        apiserver
+            .args
+            .extend(options.apiserver_args.iter().cloned());
         control_plane.spawn("kube-apiserver", apiserver)?;
         let cert = dir.join("pki").join("apiserver.crt");
         control_plane.ca_pem = control_plane.wait_for_file("kube-apiserver", &cert).await?;

@@ -67,6 +67,16 @@ impl Environment {
     }
 }
 
+/// Options of the control plane [`environment`] starts, if set before its
+/// first call (a test binary that needs an audit log, say).
+static OPTIONS: OnceLock<crate::controlplane::Options> = OnceLock::new();
+
+/// Sets the options of this test binary's control plane; only the first
+/// call counts, and only before [`environment`] starts it.
+pub fn configure(options: crate::controlplane::Options) {
+    let _ = OPTIONS.set(options);
+}
+
 /// The environment of this test binary, started on first use.
 ///
 /// Panics with the reason if it cannot start (no Go, not root, ...).
@@ -88,7 +98,8 @@ fn start_environment() -> Result<Environment> {
         .build()?;
     let echo = echo_program()?;
     let (control_plane, kubelet) = runtime.block_on(async {
-        let control_plane = ControlPlane::start().await?;
+        let options = OPTIONS.get().cloned().unwrap_or_default();
+        let control_plane = ControlPlane::start_with(options).await?;
         // The kubelet's own log, for when a test needs to know why a pod
         // did not become ready.
         if let Ok(file) = std::fs::File::create(control_plane.dir.join("logs").join("kubelet.log"))

@@ -8,10 +8,12 @@
 //! - [`echo`]: the default Pod process, a small HTTP echo backend.
 //! - [`harness`]: one shared environment per test binary, a namespace per test.
 //! - [`gateway_api`]: the Gateway API CRDs, on request.
+//! - [`forwarder`]: a cuttable TCP path to the API server (partitions).
 
 pub mod binaries;
 pub mod controlplane;
 pub mod echo;
+pub mod forwarder;
 pub mod gateway_api;
 pub mod harness;
 pub mod kubelet;

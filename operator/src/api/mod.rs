@@ -1,5 +1,6 @@
 //! The HybridApp API: the types users write, and the CRD generated from them.
 
+pub mod contract;
 pub mod duration;
 pub mod labels;
 pub mod v1alpha1;

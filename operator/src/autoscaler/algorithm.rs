@@ -2,7 +2,9 @@
 //!
 //! Modelled on Knative's KPA. Observed concurrency (requests in flight plus
 //! requests held, summed over every gateway) is averaged over a *stable*
-//! window and a short *panic* window. Normally the stable average decides;
+//! window and a short *panic* window. The averages are weighted by time:
+//! each observation holds until the next one, so ten reports in one second
+//! weigh as much as one report that held for that second. Normally the stable average decides;
 //! when the panic average reaches `panic_threshold` times what the current
 //! replicas can take, the autoscaler panics: it follows the panic average
 //! and does not scale down until the load has been calm for a stable window.
@@ -175,27 +177,45 @@ impl Autoscaler {
         self.policy = policy;
     }
 
-    /// Records what the gateways reported at `now`.
+    /// Records what the gateways reported at `now`; it holds until the
+    /// next observation.
     pub fn observe(&mut self, now: Duration, observation: Observation) {
         self.samples.push_back((now, observation.concurrency()));
         self.latest = Some(observation);
         if observation.busy() {
             self.last_busy = Some(now);
         }
+        // Keep the newest sample older than the stable window: it is the
+        // value at the window's start.
         let horizon = now.saturating_sub(self.policy.stable_window);
-        while self.samples.front().is_some_and(|(at, _)| *at < horizon) {
+        while self.samples.len() >= 2 && self.samples[1].0 <= horizon {
             self.samples.pop_front();
         }
     }
 
+    /// The time-weighted average over the `window` before `now` (over the
+    /// part of it observed so far; the latest value if no time has passed).
     fn average(&self, now: Duration, window: Duration) -> f64 {
         let since = now.saturating_sub(window);
-        let (sum, count) = self
-            .samples
-            .iter()
-            .filter(|(at, _)| *at >= since)
-            .fold((0.0, 0usize), |(s, c), (_, v)| (s + v, c + 1));
-        if count == 0 { 0.0 } else { sum / count as f64 }
+        let (mut area, mut covered) = (0.0, 0.0);
+        for (i, (at, value)) in self.samples.iter().enumerate() {
+            let start = (*at).max(since);
+            let end = self
+                .samples
+                .get(i + 1)
+                .map_or(now, |(next, _)| *next)
+                .min(now);
+            if end > start {
+                let span = (end - start).as_secs_f64();
+                area += value * span;
+                covered += span;
+            }
+        }
+        if covered > 0.0 {
+            area / covered
+        } else {
+            self.samples.back().map_or(0.0, |(_, v)| *v)
+        }
     }
 
     /// Decides the replica count at `now`, given the `current` one. With
@@ -323,8 +343,9 @@ mod tests {
         let mut out = Vec::new();
         for (i, load) in loads.iter().enumerate() {
             let now = TICK * (i as u32 + 1);
+            // The gateways report between decisions.
             autoscaler.observe(
-                now,
+                now - TICK / 2,
                 Observation {
                     in_flight: *load,
                     held: 0.0,
@@ -396,6 +417,42 @@ mod tests {
             },
         );
         assert_eq!(a.decide(Duration::from_secs(1061), 1, true).replicas, 0);
+    }
+
+    #[test]
+    fn averages_weigh_time_not_the_number_of_reports() {
+        let mut a = Autoscaler::new(function(100, 10), Duration::ZERO);
+        let at = Duration::from_secs;
+        // 20 s at 10 in flight, then 40 reports of 0 within one second
+        // (a gateway repeating demand), then 10 again for 39 s.
+        a.observe(
+            at(0),
+            Observation {
+                in_flight: 10.0,
+                held: 0.0,
+            },
+        );
+        for i in 0..40 {
+            a.observe(
+                at(20) + Duration::from_millis(i * 25),
+                Observation {
+                    in_flight: 0.0,
+                    held: 0.0,
+                },
+            );
+        }
+        a.observe(
+            at(21),
+            Observation {
+                in_flight: 10.0,
+                held: 0.0,
+            },
+        );
+        let stable = a.average(at(60), Duration::from_secs(60));
+        assert!((stable - 10.0 * 59.0 / 60.0).abs() < 1e-9, "{stable}");
+        let panic = a.average(at(60), Duration::from_secs(6));
+        assert!((panic - 10.0).abs() < 1e-9, "{panic}");
+        // Averaging the reports instead would have said (2 * 10) / 42.
     }
 
     #[test]

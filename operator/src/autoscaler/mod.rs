@@ -1,7 +1,10 @@
-//! The autoscaler: a pure scaling algorithm ([`algorithm`]) and the loop in
-//! the operator that feeds it the gateways' demand and stats ([`run`]).
+//! The autoscaler: a pure scaling algorithm per workload ([`algorithm`]),
+//! a pure state type over every workload that turns demand, stats and time
+//! into writes ([`state`]), and the loop in the operator that feeds it and
+//! executes them ([`run`]).
 
 pub mod algorithm;
 pub mod run;
+pub mod state;
 
 pub use algorithm::{Autoscaler, Observation, Reason, ScaleDecision, ScalingPolicy};

@@ -34,9 +34,7 @@ pub const APPLIED_HASH: &str = "tandem.dev/applied-hash";
 
 /// Deterministic child name: `<app>-<workload>` (at most 63 characters, as
 /// the CRD limits both parts).
-pub fn child_name(app: &str, workload: &str) -> String {
-    format!("{app}-{workload}")
-}
+pub use crate::api::contract::child_name;
 
 /// Builds the children of every workload of `app`.
 pub fn build(app: &HybridApp) -> Vec<WorkloadChildren> {

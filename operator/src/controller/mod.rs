@@ -23,21 +23,17 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
+use crate::api::contract::{self, MANAGER, condition};
 use crate::api::{HybridApp, HybridAppStatus, labels};
-use crate::watch::scoped;
+use crate::watch::{Unreadable, scoped};
 use children::WorkloadChildren;
 use metrics::ControllerMetrics;
 use status::Problem;
-
-/// Field manager of every reconciler write.
-pub const MANAGER: &str = "tandem";
-/// Field manager that owns `spec.replicas` of Deployments Tandem scales.
-pub const AUTOSCALER_MANAGER: &str = "tandem-autoscaler";
 
 /// Why a reconcile failed; the label is used in metrics.
 #[derive(Debug, thiserror::Error)]
@@ -187,12 +183,30 @@ pub async fn run(
         rx.recv().await.map(|owner| (owner, rx))
     });
 
-    let controller = Controller::new(scoped::<HybridApp>(&client, namespace), Default::default())
+    let recorder = Recorder::new(client.clone(), Reporter::from("tandem-operator"));
+    // HybridApps are read through untyped objects: one that cannot be read
+    // (stored before a schema change, or by a newer Tandem) is skipped with
+    // a Warning Event, and every other app syncs and reconciles.
+    let (apps, writer) = reflector::store();
+    let warn = recorder.clone();
+    let on_unreadable: crate::watch::OnUnreadable = Arc::new(move |unreadable: &Unreadable| {
+        let (recorder, unreadable) = (warn.clone(), unreadable.clone());
+        tokio::spawn(async move { report_unreadable(&recorder, &unreadable).await });
+    });
+    let app_events = crate::watch::tolerant_events::<HybridApp>(
+        &client,
+        namespace,
+        watcher::Config::default(),
+        apps.clone(),
+        on_unreadable,
+    )
+    .reflect(writer)
+    .applied_objects();
+    let controller = Controller::for_stream(app_events, apps.clone())
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .reconcile_on(owner_events);
-    let apps = controller.store();
     let context = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), Reporter::from("tandem-operator")),
+        recorder,
         client,
         metrics,
         settings,
@@ -228,6 +242,42 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// A Warning Event on an app that cannot be read.
+async fn report_unreadable(recorder: &Recorder, unreadable: &Unreadable) {
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("tandem.dev/v1alpha1".into()),
+        kind: Some("HybridApp".into()),
+        name: Some(unreadable.name.clone()),
+        namespace: unreadable.namespace.clone(),
+        uid: unreadable.uid.clone(),
+        resource_version: unreadable.resource_version.clone(),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Unreadable".into(),
+        note: Some(
+            format!(
+                "Tandem cannot read this HybridApp ({}); it is skipped, and the last version it could read (if any) stays in force",
+                unreadable.error
+            )
+            .chars()
+            .take(1000)
+            .collect(),
+        ),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let published = tokio::time::timeout(
+        Duration::from_secs(10),
+        recorder.publish(&event, &reference),
+    )
+    .await;
+    if !matches!(published, Ok(Ok(()))) {
+        tracing::warn!(?published, name = %unreadable.name, "publish the Unreadable event");
+    }
 }
 
 fn error_policy(app: Arc<HybridApp>, error: &Error, context: Arc<Context>) -> Action {
@@ -488,7 +538,7 @@ fn owns_replicas(deployment: &Deployment) -> bool {
 /// autoscaler's manager applies the current value, so the field stays.
 async fn hand_over_replicas(deployments: &Api<Deployment>, live: &Deployment) -> Result<(), Error> {
     let replicas = live.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    crate::autoscaler::run::apply_scale(
+    contract::apply_scale(
         deployments,
         live.metadata.name.as_deref().unwrap_or_default(),
         replicas.max(0) as u32,
@@ -585,7 +635,7 @@ async fn update_status(
         .workloads
         .iter()
         .filter_map(|w| {
-            let child = children::child_name(&name, &w.name);
+            let child = contract::child_name(&name, &w.name);
             context
                 .deployments
                 .get(&ObjectRef::new(&child).within(&namespace))
@@ -598,8 +648,7 @@ async fn update_status(
     // is neither compared nor written here.
     let mine = previous.map(|p| {
         let mut p = p.clone();
-        p.conditions
-            .retain(|c| c.type_ != crate::autoscaler::run::CONDITION);
+        p.conditions.retain(|c| c.type_ != condition::AUTOSCALED);
         p
     });
     if mine.as_ref() == Some(&next) {
@@ -625,7 +674,7 @@ async fn update_status(
         let message = next
             .conditions
             .iter()
-            .find(|c| c.type_ == "Ready")
+            .find(|c| c.type_ == condition::READY)
             .map(|c| c.message.clone())
             .unwrap_or_default();
         publish(context, app, EventType::Normal, "Ready", message).await;
@@ -637,7 +686,7 @@ fn is_ready(status: Option<&HybridAppStatus>) -> bool {
     status.is_some_and(|s| {
         s.conditions
             .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .any(|c| c.type_ == condition::READY && c.status == "True")
     })
 }
 

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use crate::api::contract::condition;
 use crate::api::{
     HybridApp, HybridAppStatus, Mode, Route, RouteStatus, Workload, WorkloadState, WorkloadStatus,
 };
@@ -128,15 +129,15 @@ pub fn compute(
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
     let mut conditions = vec![
-        condition("Ready", ready, generation, old, &now),
-        condition("Progressing", progressing, generation, old, &now),
-        condition("Degraded", degraded_c, generation, old, &now),
+        condition(condition::READY, ready, generation, old, &now),
+        condition(condition::PROGRESSING, progressing, generation, old, &now),
+        condition(condition::DEGRADED, degraded_c, generation, old, &now),
     ];
     if let Some(c) = reconciling {
-        conditions.push(condition("Reconciling", c, generation, old, &now));
+        conditions.push(condition(condition::RECONCILING, c, generation, old, &now));
     }
     if let Some(c) = stalled {
-        conditions.push(condition("Stalled", c, generation, old, &now));
+        conditions.push(condition(condition::STALLED, c, generation, old, &now));
     }
 
     HybridAppStatus {

@@ -121,11 +121,18 @@ pub async fn run_kubernetes(
     let mut app_stores = Vec::new();
     let mut slice_stores = Vec::new();
     for scope in scopes {
-        app_stores.push(spawn_cache::<HybridApp>(
+        // An app that cannot be read is skipped (its last readable version
+        // keeps serving), never the whole watch.
+        let notify = changed.clone();
+        app_stores.push(crate::watch::spawn_tolerant_cache::<HybridApp, _, _>(
             &client,
             scope.as_deref(),
             watcher::Config::default(),
-            changed.clone(),
+            move |_| {
+                notify.notify_one();
+                std::future::ready(())
+            },
+            Arc::new(|_| {}),
         ));
         let managed = watcher::Config::default().labels(&labels::managed_selector());
         slice_stores.push(spawn_cache::<EndpointSlice>(

@@ -779,8 +779,8 @@ async fn routes_from_a_hybridapp_reach_its_pods_on_the_pod_network() {
     let dir = work_dir("pods");
     let kubeconfig = account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
     // The gateway reaches the API server through a forwarder the test can cut.
-    let mut api = ApiForwarder::start().await;
-    let kubeconfig = api.rewrite(&kubeconfig, &dir);
+    let mut api = testenv::forwarder::Forwarder::to_api_server(&environment().control_plane).await;
+    let kubeconfig = api.kubeconfig(&kubeconfig, &dir.join("through-forwarder.kubeconfig"));
     let gateway = Gateway::start_kubernetes(&dir, &kubeconfig, &ns.name, &[]).await;
     let client = client();
     let request = |path: &str| {
@@ -866,91 +866,6 @@ async fn routes_from_a_hybridapp_reach_its_pods_on_the_pod_network() {
         "the gateway's RBAC is enough:\n{log}"
     );
     operator.assert_never_forbidden();
-}
-
-/// A TCP forwarder to the testenv API server that a test can cut (every
-/// connection closed, new ones refused) and restore on the same address.
-struct ApiForwarder {
-    address: SocketAddr,
-    upstream: SocketAddr,
-    host: String,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl ApiForwarder {
-    async fn start() -> Self {
-        let server = environment().control_plane.server.clone();
-        let authority = server.trim_start_matches("https://").to_string();
-        let upstream: SocketAddr = authority.parse().expect("the API server's ip:port");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut forwarder = ApiForwarder {
-            address: listener.local_addr().unwrap(),
-            upstream,
-            host: upstream.ip().to_string(),
-            task: None,
-        };
-        forwarder.serve(listener);
-        forwarder
-    }
-
-    fn serve(&mut self, listener: tokio::net::TcpListener) {
-        let upstream = self.upstream;
-        self.task = Some(tokio::spawn(async move {
-            // Dropped with this task: every forwarded connection ends too.
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                connections.spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        }));
-    }
-
-    /// A copy of `kubeconfig` that goes through the forwarder (TLS still
-    /// checks the API server's own name).
-    fn rewrite(&self, kubeconfig: &std::path::Path, dir: &std::path::Path) -> PathBuf {
-        let text = std::fs::read_to_string(kubeconfig).unwrap();
-        let server = format!("server: https://{}", self.upstream);
-        assert!(text.contains(&server), "{text}");
-        let text = text.replace(
-            &server,
-            &format!(
-                "server: https://{}\n    tls-server-name: {}",
-                self.address, self.host
-            ),
-        );
-        let path = dir.join("through-forwarder.kubeconfig");
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-
-    async fn restore(&mut self) {
-        let listener = wait_for(
-            "the forwarder's address to be free",
-            Duration::from_secs(10),
-            || async {
-                tokio::net::TcpListener::bind(self.address)
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        )
-        .await;
-        self.serve(listener);
-    }
-}
-
-impl Drop for ApiForwarder {
-    fn drop(&mut self) {
-        self.cut();
-    }
 }
 
 /// A scripted HTTP/1.1 upstream on loopback: records every request it reads

@@ -294,7 +294,7 @@ async fn repairs_owned_fields_but_leaves_replicas_to_their_owner() {
     // The autoscaler (here: a hand-made scale write under its field manager)
     // sets replicas of the Function; the reconciler must not undo it, even
     // when it applies other changes to the same Deployment.
-    let as_autoscaler = PatchParams::apply(tandem::controller::AUTOSCALER_MANAGER).force();
+    let as_autoscaler = PatchParams::apply(tandem::api::contract::AUTOSCALER_MANAGER).force();
     deployments
         .patch(
             "edit-fn",
@@ -353,7 +353,7 @@ async fn repairs_owned_fields_but_leaves_replicas_to_their_owner() {
         .collect();
     assert_eq!(
         replicas_owners,
-        [tandem::controller::AUTOSCALER_MANAGER],
+        [tandem::api::contract::AUTOSCALER_MANAGER],
         "exactly one owner of replicas"
     );
     operator.assert_never_forbidden();
