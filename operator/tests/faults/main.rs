@@ -431,7 +431,11 @@ impl Traffic {
             let mut outcomes = BTreeMap::new();
             let mut i = 0u64;
             while !flag.load(Ordering::SeqCst) {
-                let path = if i.is_multiple_of(2) { "/web/t" } else { "/fn/t" };
+                let path = if i.is_multiple_of(2) {
+                    "/web/t"
+                } else {
+                    "/fn/t"
+                };
                 i += 1;
                 let request = http::Request::get(format!("http://{gateway}{path}/{i}"))
                     .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -957,6 +961,34 @@ async fn a_deleted_app_takes_its_children_within_10s() {
     let kubeconfig = account_kubeconfig(&ns.name, "tandem-operator-e", "operator-rbac.yaml").await;
     let _operator = Operator::start(&ns.name, &kubeconfig, "op-e", &[]).await;
     let apps: Api<HybridApp> = Api::namespaced(ns.client.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    // The garbage collector learns of a new CRD at its next discovery sync
+    // (every 30 s): until it has, owner references to HybridApps wait. A
+    // first app deleted and gone shows it knows them.
+    apply(
+        &apps,
+        &app(
+            "warm-up",
+            vec![workload("fn", "Function", json!({}))],
+            json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]),
+        ),
+    )
+    .await;
+    wait_ready(&apps, "warm-up", Duration::from_secs(60)).await;
+    apps.delete("warm-up", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the garbage collector to know HybridApps",
+        Duration::from_secs(90),
+        || async {
+            match deployments.get_opt("warm-up-fn").await {
+                Ok(None) => Ok(()),
+                other => Err(format!("{:?}", other.map(|d| d.is_some()))),
+            }
+        },
+    )
+    .await;
     apply(
         &apps,
         &app(
