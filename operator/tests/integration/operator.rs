@@ -620,3 +620,113 @@ async fn a_spec_the_schema_cannot_catch_stalls_with_a_reason() {
     .await;
     operator.assert_never_forbidden();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_cannot_be_read_is_skipped_with_an_event_and_the_others_sync() {
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::{ApiResource, DynamicObject};
+    let (ns, kubeconfig) = setup("unreadable").await;
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        ns.client.clone(),
+        &ns.name,
+        &ApiResource::erase::<HybridApp>(&()),
+    );
+    // Stored as the schema allows (a template's metadata is free-form), but
+    // not readable as Tandem's types: a label whose value is a number.
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
+        "metadata": {"name": "bad"},
+        "spec": {
+            "workloads": [{"name": "web", "mode": "AlwaysOn", "port": 8080,
+                "template": {"metadata": {"labels": {"team": 5}},
+                             "spec": {"containers": [{"name": "c", "image": "example/echo:1"}]}}}],
+            "routes": [{"name": "r", "match": {"pathPrefix": "/bad"}, "backends": [{"workload": "web"}]}]
+        }
+    }))
+    .unwrap();
+    raw.create(&PostParams::default(), &bad)
+        .await
+        .expect("the API server stores it");
+    let apps: Api<HybridApp> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert!(
+        apps.list(&ListParams::default()).await.is_err(),
+        "a typed list fails on it (what used to block every watch's sync)"
+    );
+    raw.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::to_value(web_and_function("good")).unwrap()).unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let operator = OperatorProcess::start(&ns.name, &kubeconfig, "op", &[]).await;
+    operator.wait_ready().await;
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for("the good app's children", WAIT, || async {
+        let names = names(&deployments).await;
+        if names == ["good-fn", "good-web"] {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        }
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    let unreadable = wait_for("an Unreadable event on the bad app", WAIT, || async {
+        let found: Vec<Event> = events
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("Unreadable"))
+            .collect();
+        if found.is_empty() {
+            Err("none yet".to_string())
+        } else {
+            Ok(found)
+        }
+    })
+    .await;
+    assert_eq!(unreadable.len(), 1, "{unreadable:?}");
+    let event = &unreadable[0];
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(
+        event.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("bad")
+    );
+    let note = event.note.clone().unwrap_or_default();
+    assert!(note.contains("invalid type"), "{note}");
+    assert!(
+        deployments.get_opt("bad-web").await.unwrap().is_none(),
+        "nothing is made of an app that cannot be read"
+    );
+
+    // The gateway syncs too, and routes the app it can read.
+    let dir = testenv::environment()
+        .control_plane
+        .dir
+        .join(format!("unreadable-{}", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway_kubeconfig =
+        crate::support::account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
+    let gateway =
+        crate::gateway::GatewayHandle::start_kubernetes(&dir, &gateway_kubeconfig, &ns.name, &[])
+            .await;
+    wait_for("the good app through the gateway", WAIT, || async {
+        let answer = testenv::http_client::get(&gateway.url("/web/x"))
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer.status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{}: {}", answer.status, answer.body))
+        }
+    })
+    .await;
+    let bad = testenv::http_client::get(&gateway.url("/bad"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 404, "{}", bad.body);
+    operator.assert_never_forbidden();
+}
