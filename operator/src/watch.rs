@@ -22,18 +22,36 @@ where
     }
 }
 
-/// Runs a reflector in its own task, so the cache keeps up whatever its
-/// readers are doing, and hands every watch event to `on_event`. Errors are
-/// logged and the watch retries with backoff: one bad event never stops it.
-pub fn spawn_cache<K, F, Fut>(api: Api<K>, config: watcher::Config, on_event: F) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
+/// What a cache can hold: an object of a fixed kind that can be read and
+/// shared between tasks.
+pub trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug
         + Send
         + Sync
-        + 'static,
+        + 'static
+{
+}
+
+/// Runs a reflector in its own task, so the cache keeps up whatever its
+/// readers are doing, and hands every watch event to `on_event`. Errors are
+/// logged and the watch retries with backoff: one bad event never stops it.
+pub fn spawn_cache<K, F, Fut>(api: Api<K>, config: watcher::Config, on_event: F) -> Store<K>
+where
+    K: Watched,
     F: FnMut(watcher::Event<K>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
@@ -94,13 +112,7 @@ pub fn tolerant_events<K>(
     on_unreadable: OnUnreadable,
 ) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let resource = ApiResource::erase::<K>(&());
     let api: Api<DynamicObject> = match namespace {
@@ -208,13 +220,7 @@ pub fn spawn_tolerant_cache<K, F, Fut>(
     on_unreadable: OnUnreadable,
 ) -> Store<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
     F: FnMut(watcher::Event<K>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {

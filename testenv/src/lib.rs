@@ -27,6 +27,16 @@ pub use kubelet::{KubeletConfig, ProcessKubelet, service_account_token};
 use base64::Engine;
 
 /// A kubeconfig that authenticates to `server` with a bearer `token`.
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a process the
+/// test starts and points at it).
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a port on loopback")
+        .local_addr()
+        .expect("a bound socket has an address")
+        .port()
+}
+
 pub fn kubeconfig(server: &str, ca_pem: &[u8], user: &str, token: &str, namespace: &str) -> String {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     format!(

@@ -123,13 +123,7 @@ fn spawn_child_cache<K>(
     owners: tokio::sync::mpsc::Sender<ObjectRef<HybridApp>>,
 ) -> Store<K>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: crate::watch::Watched + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
     crate::watch::spawn_cache(
         scoped::<K>(client, namespace),
@@ -329,10 +323,17 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
     // Build.
     let wanted = children::build(app);
 
-    // Apply.
+    // Apply, the workloads side by side (each its Deployment, Service and
+    // HPA in order).
+    let applied = futures::future::join_all(
+        wanted
+            .iter()
+            .map(|child| apply_workload(context, &namespace, child)),
+    )
+    .await;
     let mut changed = Vec::new();
-    for child in &wanted {
-        match apply_workload(context, &namespace, child).await {
+    for (child, result) in wanted.iter().zip(applied) {
+        match result {
             Ok(Some(change)) => changed.push(change),
             Ok(None) => {}
             Err(Error::Kube(kube::Error::Api(status))) if status.code == 422 => {
@@ -670,7 +671,10 @@ async fn update_status(
         Err(error) => return Err(error.into()),
     }
     context.metrics.write("status");
-    if is_ready(Some(&next)) && !was_ready {
+    // A Ready Event marks a recovery (from degraded or an invalid spec); a
+    // new app's first Ready is its WorkloadCreated Event's sequel and says
+    // nothing the condition does not (one request fewer per app).
+    if is_ready(Some(&next)) && !was_ready && recovering(previous) {
         let message = next
             .conditions
             .iter()
@@ -682,6 +686,15 @@ async fn update_status(
     Ok(())
 }
 
+/// Whether the app was Ready once and then not (degraded, invalid spec).
+fn recovering(status: Option<&HybridAppStatus>) -> bool {
+    status.is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == condition::READY && c.status == "False" && c.reason != "WorkloadsStarting"
+        })
+    })
+}
+
 fn is_ready(status: Option<&HybridAppStatus>) -> bool {
     status.is_some_and(|s| {
         s.conditions
@@ -690,6 +703,8 @@ fn is_ready(status: Option<&HybridAppStatus>) -> bool {
     })
 }
 
+/// Publishes an Event on `app` without holding up the reconcile (an Event
+/// is a record for people; it must not slow the work it records).
 async fn publish(context: &Context, app: &HybridApp, type_: EventType, reason: &str, note: String) {
     let event = Event {
         type_,
@@ -698,9 +713,19 @@ async fn publish(context: &Context, app: &HybridApp, type_: EventType, reason: &
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(error) = context.recorder.publish(&event, &app.object_ref(&())).await {
-        tracing::warn!(%error, reason, "publish event");
-    }
+    let recorder = context.recorder.clone();
+    let reference = app.object_ref(&());
+    let reason = reason.to_string();
+    tokio::spawn(async move {
+        let published = tokio::time::timeout(
+            Duration::from_secs(10),
+            recorder.publish(&event, &reference),
+        )
+        .await;
+        if !matches!(published, Ok(Ok(()))) {
+            tracing::warn!(?published, reason, "publish event");
+        }
+    });
 }
 
 /// A child as JSON for [`children::up_to_date`], without its managed fields

@@ -184,13 +184,7 @@ fn spawn_cache<K>(
     changed: Arc<Notify>,
 ) -> Store<K>
 where
-    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: crate::watch::Watched + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
     let api: Api<K> = crate::watch::scoped(client, namespace);
     // Any event, a re-list included, may change the table.

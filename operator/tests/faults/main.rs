@@ -46,11 +46,7 @@ fn environment() -> &'static testenv::Environment {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testenv::free_loopback_port()
 }
 
 fn dir(name: &str) -> PathBuf {

@@ -19,11 +19,7 @@ use testenv::{environment, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testenv::free_loopback_port()
 }
 
 fn work_dir(name: &str) -> PathBuf {

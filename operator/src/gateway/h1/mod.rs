@@ -102,9 +102,18 @@ pub async fn serve(
                         )
                     },
                 );
-                match parsed {
+                let refused = match parsed {
                     Ok(Some(parsed)) => break parsed,
-                    Ok(None) => {}
+                    Ok(None) if buf.len() >= settings.max_header_bytes => Some(ProxyError::new(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        Origin::Client,
+                        Kind::HeadTooLarge,
+                        format!(
+                            "request head is larger than {} bytes",
+                            settings.max_header_bytes
+                        ),
+                    )),
+                    Ok(None) => None,
                     Err(rejection) => {
                         let kind =
                             if rejection.status == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE {
@@ -114,34 +123,15 @@ pub async fn serve(
                             } else {
                                 Kind::Malformed
                             };
-                        let error = ProxyError::new(
+                        Some(ProxyError::new(
                             rejection.status,
                             Origin::Client,
                             kind,
                             rejection.message,
-                        );
-                        lifecycle::observe_failure(gateway, &error);
-                        finish(
-                            &mut client,
-                            &error,
-                            Next::Linger,
-                            &mut out,
-                            settings.idle_timeout,
-                        )
-                        .await;
-                        return;
+                        ))
                     }
-                }
-                if buf.len() >= settings.max_header_bytes {
-                    let error = ProxyError::new(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        Origin::Client,
-                        Kind::HeadTooLarge,
-                        format!(
-                            "request head is larger than {} bytes",
-                            settings.max_header_bytes
-                        ),
-                    );
+                };
+                if let Some(error) = refused {
                     lifecycle::observe_failure(gateway, &error);
                     finish(
                         &mut client,
