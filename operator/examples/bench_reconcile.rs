@@ -9,6 +9,8 @@
 //!   process (8 concurrent reconciles, release build) creates the children and
 //!   reports status. Done when every app is Ready with
 //!   `observedGeneration == generation` (Ready needs all its Deployments seen).
+//!   The operator's peak RSS and CPU seconds (from its start to convergence)
+//!   are read from /proc.
 //!
 //! Requests are counted from the API server's audit log, per user.
 //! Functions start at zero, so no pods run. Prints medians over the rounds and
@@ -148,7 +150,7 @@ async fn operator(
     n: usize,
     kubeconfig: &std::path::Path,
     logs: &std::path::Path,
-) -> Result<Duration> {
+) -> Result<OperatorRun> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -235,8 +237,34 @@ async fn operator(
     }
     follower.abort();
     let took = start.elapsed();
+    let run = OperatorRun {
+        took,
+        peak_rss_mib: testenv::process::peak_rss_bytes(process.pid()).unwrap_or(0) as f64
+            / (1024.0 * 1024.0),
+        cpu_seconds: testenv::process::cpu_seconds(process.pid()).unwrap_or(0.0),
+    };
     process.terminate(Duration::from_secs(10)).await;
-    Ok(took)
+    Ok(run)
+}
+
+/// One operator round: time to converge, and the process's peak resident
+/// memory and CPU time (user + system) from its start to convergence.
+struct OperatorRun {
+    took: Duration,
+    peak_rss_mib: f64,
+    cpu_seconds: f64,
+}
+
+/// CPU seconds per control-plane process between two readings, as text.
+fn cpu_since(before: &[(&str, f64)], after: &[(&str, f64)]) -> String {
+    after
+        .iter()
+        .filter_map(|(name, cpu)| {
+            let start = before.iter().find(|(n, _)| n == name)?.1;
+            Some(format!("{name} {:.1}s", cpu - start))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -292,14 +320,17 @@ async fn main() -> Result<()> {
     );
     let (mut direct_times, mut operator_times, mut direct_requests, mut operator_requests) =
         (vec![], vec![], vec![], vec![]);
+    let (mut rss, mut cpu) = (vec![], vec![]);
     for round in 0..args.rounds {
         let ns = format!("direct-{round}");
         namespace(&client, &ns).await?;
+        let before = control_plane.cpu_seconds();
         let took = direct(&client, &ns, args.apps).await?;
+        let direct_cpu = cpu_since(&before, &control_plane.cpu_seconds());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let requests = count_requests(&control_plane.audit_log(), "tandem-admin", &ns)?;
         println!(
-            "round {round} direct:   {:>7.2}s  {requests:>6} requests",
+            "round {round} direct:   {:>7.2}s  {requests:>6} requests  control plane CPU {direct_cpu}",
             took.as_secs_f64()
         );
         direct_times.push(took.as_secs_f64());
@@ -308,14 +339,20 @@ async fn main() -> Result<()> {
 
         let ns = format!("operator-{round}");
         namespace(&client, &ns).await?;
-        let took = operator(&client, &ns, args.apps, &kubeconfig, &logs).await?;
+        let before = control_plane.cpu_seconds();
+        let run = operator(&client, &ns, args.apps, &kubeconfig, &logs).await?;
+        let operator_cpu = cpu_since(&before, &control_plane.cpu_seconds());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let requests = count_requests(&control_plane.audit_log(), operator_user, &ns)?;
         println!(
-            "round {round} operator: {:>7.2}s  {requests:>6} requests",
-            took.as_secs_f64()
+            "round {round} operator: {:>7.2}s  {requests:>6} requests  control plane CPU {operator_cpu}  operator: peak RSS {:.1} MiB, CPU {:.2}s",
+            run.took.as_secs_f64(),
+            run.peak_rss_mib,
+            run.cpu_seconds
         );
-        operator_times.push(took.as_secs_f64());
+        operator_times.push(run.took.as_secs_f64());
+        rss.push(run.peak_rss_mib);
+        cpu.push(run.cpu_seconds);
         operator_requests.push(requests as f64);
         delete_namespace(&client, &ns).await?;
     }
@@ -330,6 +367,8 @@ async fn main() -> Result<()> {
         or / args.apps as f64
     );
     println!("requests ratio {:.2}", or / dr);
+    println!("operator_peak_rss_mib={:.1}", median(rss));
+    println!("operator_cpu_seconds={:.2}", median(cpu));
     println!("reconcile_vs_direct_apply={:.2}", o / d);
     Ok(())
 }

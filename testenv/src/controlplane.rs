@@ -234,6 +234,17 @@ impl ControlPlane {
         self.dir.join("audit.log")
     }
 
+    /// CPU seconds (user + system) each control-plane process has used so
+    /// far, by name.
+    pub fn cpu_seconds(&self) -> Vec<(&'static str, f64)> {
+        self.processes
+            .iter()
+            .filter_map(|(name, process)| {
+                crate::process::cpu_seconds(process.pid()).map(|cpu| (*name, cpu))
+            })
+            .collect()
+    }
+
     /// Sum of the peak resident memory of etcd, the API server and the
     /// controller-manager so far.
     pub fn peak_memory_bytes(&self) -> u64 {

@@ -234,6 +234,21 @@ pub fn peak_rss_bytes(pid: u32) -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
+/// CPU time (user and system) a process has used so far, if it is still
+/// running.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, inside parens):
+    // state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    Some(ticks as f64 / hz as f64)
+}
+
 /// Runs a short command to completion and fails with its output if it fails.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
     let output = Command::new(program)
