@@ -56,7 +56,9 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     let (store, writer) = reflector::store();
-    let events = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let events = watcher(api, config)
+        .modify(|object: &mut K| crate::api::contract::slim_managed_fields(object.meta_mut()));
+    let events = reflector::reflector(writer, events).default_backoff();
     spawn_events(events, on_event);
     store
 }
@@ -143,6 +145,9 @@ where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + 'static,
 {
     let read = |object: &DynamicObject| -> Result<K, Unreadable> {
+        let mut object = object.clone();
+        crate::api::contract::slim_managed_fields(&mut object.metadata);
+        let object = &object;
         serde_json::to_value(object)
             .and_then(serde_json::from_value::<K>)
             .map_err(|error| Unreadable {

@@ -4,6 +4,7 @@
 //! function that writes `spec.replicas`.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ObjectMeta};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
@@ -16,6 +17,31 @@ pub const AUTOSCALER_MANAGER: &str = "tandem-autoscaler";
 /// Name of the Deployment and Service of `workload` in `app`.
 pub fn child_name(app: &str, workload: &str) -> String {
     format!("{app}-{workload}")
+}
+
+/// Reduces an object's managed fields to what Tandem reads of them: the
+/// Apply entries of [`MANAGER`], each cut down to whether it owns
+/// `spec.replicas` (the reconciler's hand-over check). Caches keep objects
+/// this way: managed fields are the largest part of most objects, and
+/// nothing else in Tandem reads them.
+pub fn slim_managed_fields(meta: &mut ObjectMeta) {
+    let Some(entries) = meta.managed_fields.as_mut() else {
+        return;
+    };
+    entries.retain(|m| {
+        m.manager.as_deref() == Some(MANAGER) && m.operation.as_deref() == Some("Apply")
+    });
+    for entry in entries.iter_mut() {
+        let replicas = entry
+            .fields_v1
+            .as_ref()
+            .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some());
+        entry.fields_v1 = Some(FieldsV1(if replicas {
+            json!({"f:spec": {"f:replicas": {}}})
+        } else {
+            json!({})
+        }));
+    }
 }
 
 /// HybridApp condition types.
@@ -57,4 +83,37 @@ pub async fn apply_scale(
         .patch_scale(name, &params, &Patch::Apply(&patch))
         .await
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slimmed_managed_fields_keep_only_tandems_apply_and_its_hold_on_replicas() {
+        let mut meta: ObjectMeta = serde_json::from_value(json!({"managedFields": [
+            {"manager": MANAGER, "operation": "Apply",
+             "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {"f:spec": {}}}}},
+            {"manager": MANAGER, "operation": "Update", "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+            {"manager": "kube-controller-manager", "operation": "Update", "subresource": "status",
+             "fieldsV1": {"f:status": {}}},
+            {"manager": AUTOSCALER_MANAGER, "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}}
+        ]}))
+        .unwrap();
+        slim_managed_fields(&mut meta);
+        let slim = serde_json::to_value(&meta).unwrap();
+        assert_eq!(
+            slim["managedFields"],
+            json!([{"manager": MANAGER, "operation": "Apply", "fieldsV1": {"f:spec": {"f:replicas": {}}}}])
+        );
+        let mut released: ObjectMeta = serde_json::from_value(json!({"managedFields": [
+            {"manager": MANAGER, "operation": "Apply", "fieldsV1": {"f:spec": {"f:template": {}}}}
+        ]}))
+        .unwrap();
+        slim_managed_fields(&mut released);
+        assert_eq!(
+            serde_json::to_value(&released).unwrap()["managedFields"][0]["fieldsV1"],
+            json!({})
+        );
+    }
 }

@@ -100,6 +100,9 @@ pub struct Context {
     /// were computed from: while the cache still shows that version, the
     /// write is not visible yet and must not be made again.
     written_status: Recent<(String, Arc<HybridAppStatus>)>,
+    /// The generation of each app whose orphaned children were last looked
+    /// for (in the last minute).
+    swept: Recent<i64>,
     /// Events being published; beyond [`EVENTS_IN_FLIGHT`] an Event is
     /// dropped (and logged) rather than queued without bound.
     events: Arc<tokio::sync::Semaphore>,
@@ -274,6 +277,7 @@ pub async fn run(
         created: Default::default(),
         applied_services: Default::default(),
         written_status: Default::default(),
+        swept: Default::default(),
         events: Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT)),
         synced: Default::default(),
     });
@@ -409,7 +413,17 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
             }
         }
     }
-    let removed = remove_unwanted(app, context, &namespace, &name, &wanted).await?;
+    // Children of workloads that left the spec: looked for when the spec
+    // changed, and at most once a minute otherwise (each look scans every
+    // cached child, so not on every reconcile).
+    let generation = app.metadata.generation.unwrap_or_default();
+    let removed = if context.swept.get(&namespace, &name) == Some(generation) {
+        Vec::new()
+    } else {
+        let removed = remove_unwanted(app, context, &namespace, &name, &wanted).await?;
+        context.swept.remember(&namespace, &name, generation);
+        removed
+    };
     // One Event per kind of change, naming every workload it touched.
     let mut by_reason: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (reason, note) in changed.into_iter().chain(removed) {
