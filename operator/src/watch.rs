@@ -145,11 +145,12 @@ where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + 'static,
 {
     let read = |object: &DynamicObject| -> Result<K, Unreadable> {
-        let mut object = object.clone();
-        crate::api::contract::slim_managed_fields(&mut object.metadata);
-        let object = &object;
         serde_json::to_value(object)
             .and_then(serde_json::from_value::<K>)
+            .map(|mut read: K| {
+                crate::api::contract::slim_managed_fields(read.meta_mut());
+                read
+            })
             .map_err(|error| Unreadable {
                 namespace: object.metadata.namespace.clone(),
                 name: object.metadata.name.clone().unwrap_or_default(),

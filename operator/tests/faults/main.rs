@@ -45,8 +45,17 @@ fn environment() -> &'static testenv::Environment {
     testenv::environment()
 }
 
-fn free_port() -> u16 {
-    testenv::free_loopback_port()
+use testenv::free_loopback_port as free_port;
+
+/// How many objects `api` lists.
+async fn count<K>(api: &Api<K>) -> Result<usize, String>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.list(&ListParams::default())
+        .await
+        .map(|list| list.items.len())
+        .map_err(|e| e.to_string())
 }
 
 fn dir(name: &str) -> PathBuf {
@@ -1000,12 +1009,7 @@ async fn a_deleted_app_takes_its_children_within_10s() {
     wait_ready(&apps, "doomed", Duration::from_secs(60)).await;
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     wait_for("the web pods", Duration::from_secs(30), || async {
-        let n = pods
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .len();
+        let n = count(&pods).await?;
         if n >= 2 {
             Ok(())
         } else {
@@ -1020,30 +1024,10 @@ async fn a_deleted_app_takes_its_children_within_10s() {
     let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
     let services: Api<Service> = Api::namespaced(ns.client.clone(), &ns.name);
     wait_for("the children to go", Duration::from_secs(10), || async {
-        let d = deployments
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .len();
-        let s = services
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .len();
-        let p = pods
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .len();
-        let a = apps
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| e.to_string())?
-            .items
-            .len();
+        let d = count(&deployments).await?;
+        let s = count(&services).await?;
+        let p = count(&pods).await?;
+        let a = count(&apps).await?;
         if d + s + p + a == 0 {
             Ok(())
         } else {

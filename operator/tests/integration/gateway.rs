@@ -18,9 +18,7 @@ use testenv::process::{ChildProcess, ProcessSpec, spawn};
 use testenv::{environment, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn free_port() -> u16 {
-    testenv::free_loopback_port()
-}
+use testenv::free_loopback_port as free_port;
 
 fn work_dir(name: &str) -> PathBuf {
     let dir = environment()
