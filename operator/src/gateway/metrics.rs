@@ -176,12 +176,21 @@ impl GatewayMetrics {
     }
 }
 
+/// The request counters of one workload by route and code, and whether its
+/// series were removed: a request that finishes after its workload left the
+/// table must not bring a series back that nothing would remove again.
+#[derive(Default)]
+struct RouteCounters {
+    removed: bool,
+    counters: super::table::FastMap<String, HashMap<u16, Counter>>,
+}
+
 /// One workload's metrics.
 pub struct WorkloadMetrics {
     key: WorkloadKey,
     labels: WorkloadLabels,
     families: GatewayMetrics,
-    by_route: std::sync::RwLock<super::table::FastMap<String, HashMap<u16, Counter>>>,
+    by_route: std::sync::RwLock<RouteCounters>,
     /// Time to the response head, cold wait included.
     pub latency: Histogram,
     /// Requests in flight to its endpoints.
@@ -213,10 +222,17 @@ impl WorkloadMetrics {
             .by_route
             .read()
             .expect("metrics lock")
+            .counters
             .get(route)
             .and_then(|c| c.get(&code))
         {
             counter.inc();
+            return;
+        }
+        // Created under the write lock that `remove` takes, so a series is
+        // either made before the removal (and removed by it) or not at all.
+        let mut by_route = self.by_route.write().expect("metrics lock");
+        if by_route.removed {
             return;
         }
         let counter = self
@@ -225,9 +241,8 @@ impl WorkloadMetrics {
             .get_or_create(&self.request_labels(route, code))
             .clone();
         counter.inc();
-        self.by_route
-            .write()
-            .expect("metrics lock")
+        by_route
+            .counters
             .entry(route.to_string())
             .or_default()
             .insert(code, counter);
@@ -236,7 +251,11 @@ impl WorkloadMetrics {
     /// Removes the request series of routes that `keep` rejects.
     pub fn retain_routes(&self, keep: impl Fn(&str) -> bool) {
         let mut by_route = self.by_route.write().expect("metrics lock");
-        by_route.retain(|route, codes| {
+        self.retain_locked(&mut by_route, keep);
+    }
+
+    fn retain_locked(&self, by_route: &mut RouteCounters, keep: impl Fn(&str) -> bool) {
+        by_route.counters.retain(|route, codes| {
             if keep(route) {
                 return true;
             }
@@ -251,12 +270,50 @@ impl WorkloadMetrics {
 
     /// Removes every series of this workload.
     pub fn remove(&self) {
-        self.retain_routes(|_| false);
+        let mut by_route = self.by_route.write().expect("metrics lock");
+        by_route.removed = true;
+        self.retain_locked(&mut by_route, |_| false);
+        drop(by_route);
         let families = &self.families;
         families.latency.remove(&self.labels);
         families.in_flight.remove(&self.labels);
         families.held.remove(&self.labels);
         families.cold_starts.remove(&self.labels);
         families.cold_wait.remove(&self.labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(registry: &Registry) -> Vec<String> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains("workload=\""))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_request_that_finishes_after_its_workload_left_makes_no_series() {
+        let mut registry = Registry::default();
+        let metrics = GatewayMetrics::register(&mut registry);
+        let key = WorkloadKey {
+            namespace: "ns".into(),
+            app: "app".into(),
+            workload: "web".into(),
+        };
+        let web = metrics.workload(&key);
+        web.observe("r", http::StatusCode::OK, Duration::from_millis(3));
+        assert!(series(&registry).iter().any(|l| l.contains("code=\"200\"")));
+
+        web.remove();
+        assert_eq!(series(&registry), Vec::<String>::new());
+        // The request in flight during the removal finishes now.
+        web.observe("r", http::StatusCode::BAD_GATEWAY, Duration::from_millis(3));
+        web.observe("r", http::StatusCode::OK, Duration::from_millis(3));
+        assert_eq!(series(&registry), Vec::<String>::new());
     }
 }
