@@ -9,6 +9,7 @@ pub mod autoscaler;
 pub mod controller;
 pub mod gateway;
 pub mod leader;
+pub mod migration;
 pub mod operator;
 pub mod protocol;
 pub mod telemetry;

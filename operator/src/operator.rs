@@ -156,16 +156,21 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     };
     let _ = lead_tx.send(());
     let autoscaler_listener = standby.await.context("standby autoscaler endpoint")?;
+    // What the gateways measure per route: fed by the autoscaler endpoint,
+    // read by the reconciler's migration gates.
+    let meter = Arc::new(crate::migration::Meter::default());
     let mut autoscaler = tokio::spawn(crate::autoscaler::run::run(
         client.clone(),
         autoscaler_listener,
         args.watch_namespace.clone(),
+        meter.clone(),
     ));
     let ready = admin_state.clone();
     let controller = controller::run(
         client,
         metrics,
         settings,
+        meter,
         move || ready.set_ready(true, "leading, watches synced"),
         stopped(),
     );

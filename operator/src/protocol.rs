@@ -13,8 +13,16 @@
 //!   flight and held, and requests started since the last report. A receiver
 //!   treats a gateway whose stats are older than a few intervals as gone.
 //!
+//!   Stats also carry, per route and backend that a migration measures
+//!   ([`RouteStats`]), counters since the gateway made them: requests,
+//!   5xx answers, a histogram of response times and one of cold waits.
+//!
 //! Messages are idempotent snapshots (no deltas except `requests`), so a lost
-//! or duplicated message never corrupts the receiver's view.
+//! or duplicated message never corrupts the receiver's view. Route counters
+//! only grow while their `series` stays the same: the receiver takes the
+//! difference to the last snapshot it saw of the series (a lost message is
+//! made up by the next, a repeated one adds nothing), and a new `series`
+//! starts from zero.
 
 use std::time::Duration;
 
@@ -30,7 +38,7 @@ pub const DEMAND_PATH: &str = "/v1/demand";
 pub const STATS_PATH: &str = "/v1/stats";
 
 /// Names one workload.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct WorkloadRef {
     /// Namespace of the HybridApp.
     pub namespace: String,
@@ -64,6 +72,41 @@ pub struct WorkloadStats {
     pub requests: u64,
 }
 
+/// Upper bounds, in milliseconds, of the buckets of [`RouteStats`]'
+/// histograms; a last bucket holds everything slower.
+pub const LATENCY_BUCKETS_MS: [u64; 20] = [
+    1, 2, 5, 10, 25, 50, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000,
+    60000,
+];
+
+/// Counters of one route and backend on one gateway since `series` began.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteStats {
+    /// The backend.
+    pub workload: WorkloadRef,
+    /// The route's name.
+    pub route: String,
+    /// Names this run of the counters: a new value means they restarted
+    /// from zero.
+    pub series: u64,
+    /// Milliseconds since the series began: a receiver that first hears of
+    /// a series older than its own view takes its counts as history.
+    pub age_ms: u64,
+    /// Requests finished.
+    pub requests: u64,
+    /// Of which answered 5xx (by the backend or the gateway).
+    pub errors: u64,
+    /// Sum of their response times, in milliseconds.
+    pub latency_sum_ms: u64,
+    /// Requests per bucket of [`LATENCY_BUCKETS_MS`] (one more for the rest).
+    pub latency: Vec<u64>,
+    /// Requests that were held for a cold start.
+    pub cold_waits: u64,
+    /// Held requests per bucket of their wait.
+    pub cold_wait: Vec<u64>,
+}
+
 /// A gateway's periodic report.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Stats {
@@ -73,6 +116,14 @@ pub struct Stats {
     pub interval_ms: u64,
     /// Every workload with traffic or held requests.
     pub workloads: Vec<WorkloadStats>,
+    /// Routes with a migration whose counters changed since the last report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteStats>,
+}
+
+/// The bucket of [`LATENCY_BUCKETS_MS`] that `ms` falls in.
+pub fn bucket_of(ms: u64) -> usize {
+    LATENCY_BUCKETS_MS.partition_point(|bound| *bound < ms)
 }
 
 #[cfg(test)]

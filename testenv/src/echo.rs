@@ -6,6 +6,9 @@
 //!
 //! Behaviour is controlled per pod by environment and per request by headers:
 //! - `ECHO_STARTUP_DELAY_MS`: wait this long before listening (a slow start).
+//! - `ECHO_FAIL_PERCENT`: answer this percent of requests (every one but
+//!   `/healthz`, spread evenly: exactly P of every 100) with 500, a faulty
+//!   release a pod template can set.
 //! - `x-echo-delay-ms`: wait before answering.
 //! - `x-echo-status`: answer with this status code.
 //! - `x-echo-stream-chunks`: stream the answer as this many chunks, 10 ms apart.
@@ -43,6 +46,8 @@ pub struct EchoConfig {
     pub name: String,
     /// Delay before the listener opens.
     pub startup_delay: Duration,
+    /// Percent of requests answered 500.
+    pub fail_percent: u64,
 }
 
 impl EchoConfig {
@@ -66,6 +71,12 @@ impl EchoConfig {
             listen,
             name: std::env::var("POD_NAME").unwrap_or_else(|_| "echo".into()),
             startup_delay: Duration::from_millis(startup_delay),
+            fail_percent: std::env::var("ECHO_FAIL_PERCENT")
+                .ok()
+                .map(|v| v.parse::<u64>().context("ECHO_FAIL_PERCENT"))
+                .transpose()?
+                .unwrap_or(0)
+                .min(100),
         })
     }
 }
@@ -80,13 +91,43 @@ pub async fn serve(config: EchoConfig) -> Result<()> {
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
     println!("listening on {} as {}", config.listen, config.name);
-    serve_on(listener, config.name, shutdown_signal()).await
+    let faults = Arc::new(Faults::new(config.fail_percent));
+    serve_with(listener, config.name, faults, shutdown_signal()).await
 }
 
 /// Serves on `listener` until `shutdown` completes.
 pub async fn serve_on(
     listener: TcpListener,
     name: String,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    serve_with(listener, name, Arc::new(Faults::new(0)), shutdown).await
+}
+
+/// Which requests fail: exactly `percent` of every 100, spread evenly.
+struct Faults {
+    percent: u64,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl Faults {
+    fn new(percent: u64) -> Self {
+        Self {
+            percent,
+            seen: Default::default(),
+        }
+    }
+
+    fn next_fails(&self) -> bool {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (n + 1) * self.percent / 100 > n * self.percent / 100
+    }
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    name: String,
+    faults: Arc<Faults>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let name: Arc<str> = name.into();
@@ -97,8 +138,10 @@ pub async fn serve_on(
             accepted = listener.accept() => accepted?,
             _ = &mut shutdown => break,
         };
-        let name = name.clone();
-        let service = hyper::service::service_fn(move |request| handle(name.clone(), request));
+        let (name, faults) = (name.clone(), faults.clone());
+        let service = hyper::service::service_fn(move |request| {
+            handle(name.clone(), faults.clone(), request)
+        });
         let connection = auto::Builder::new(TokioExecutor::new())
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -126,9 +169,24 @@ fn header<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     request.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn handle(name: Arc<str>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    name: Arc<str>,
+    faults: Arc<Faults>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     if request.uri().path() == "/healthz" {
         return Ok(text(StatusCode::OK, "ok\n".into()));
+    }
+    if faults.next_fails() {
+        let mut failed = text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("pod={name} fault\n"),
+        );
+        failed.headers_mut().insert(
+            "x-pod-name",
+            name.parse().unwrap_or(http::HeaderValue::from_static("?")),
+        );
+        return Ok(failed);
     }
     if request.uri().path() == "/ws" && header(&request, "upgrade").is_some() {
         return Ok(websocket(request));

@@ -56,6 +56,9 @@ pub mod condition {
     pub const RECONCILING: &str = "Reconciling";
     /// kstatus: the controller cannot make progress (invalid spec).
     pub const STALLED: &str = "Stalled";
+    /// Every route is at its spec's weights (no migration under way, rolled
+    /// back or stalled).
+    pub const MIGRATED: &str = "Migrated";
     /// The autoscaler's latest decisions (written by [`super::AUTOSCALER_MANAGER`]).
     pub const AUTOSCALED: &str = "Autoscaled";
 }

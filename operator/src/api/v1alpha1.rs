@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,7 @@ pub const MIN_SCALE_TO_ZERO_AFTER_SECONDS: u64 = 10;
     printcolumn(name = "At-Zero", type_ = "integer", json_path = ".status.functionsAtZero", description = "Function workloads scaled to zero"),
     printcolumn(name = "Always-On", type_ = "integer", json_path = ".status.alwaysOn", description = "AlwaysOn workloads"),
     printcolumn(name = "Routes", type_ = "integer", json_path = ".status.routeCount"),
+    printcolumn(name = "Migrating", type_ = "string", json_path = ".status.migrations", description = "Routes whose migration has not ended"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
     printcolumn(name = "Hosts", type_ = "string", json_path = ".spec.hosts", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -321,6 +322,87 @@ pub struct Route {
     #[validate(length(min = 1, max = 8))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["workload".into()]))]
     pub backends: Vec<Backend>,
+
+    /// How a change of the weights reaches traffic. Without it a change
+    /// applies to the next request; with it the route moves in steps, each
+    /// measured by the gateways and passed or rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// A stepped move of a route's traffic from the weights it has to the weights
+/// the spec asks for: pre-warm the destination, shift a step, measure, pass
+/// or roll back.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.steps.all(s, s >= 1 && s <= 100) && self.steps[size(self.steps) - 1] == 100")
+        .message("migration.steps: each step is a percent of the change from 1 to 100, and the last step is 100")
+        .field_path(".steps"),
+    validation = Rule::new("self.steps.isSorted() && self.steps.all(s, self.steps.exists_one(t, t == s))")
+        .message("migration.steps: steps must increase, each one larger than the one before (for example [5, 25, 50, 100])")
+        .field_path(".steps"),
+)]
+pub struct Migration {
+    /// Share of the change applied at each step, in percent, increasing and
+    /// ending at 100: `[5, 25, 50, 100]` moves 5% of the change first.
+    #[validate(length(min = 1, max = 20))]
+    pub steps: Vec<i32>,
+
+    /// How long each step runs before its gate is judged (1s-1h). Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('1h')")
+        .message("migration.stepInterval: must be between 1s and 1h"))]
+    pub step_interval: Option<Duration>,
+
+    /// What a step must show to pass, measured by the gateways on the
+    /// backends that gain traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+
+    /// How long the destination is kept warm after a rollback (0s-24h).
+    /// Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) <= duration('24h')")
+        .message("migration.rollbackGrace: must be at most 24h"))]
+    pub rollback_grace: Option<Duration>,
+
+    /// How long one step may wait for its replicas to be ready or for
+    /// enough requests before the migration is `Stalled` (1s-24h). Default
+    /// 10m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')")
+        .message("migration.progressDeadline: must be between 1s and 24h"))]
+    pub progress_deadline: Option<Duration>,
+}
+
+/// The gate of each step. Every limit that is set must hold over the step.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Analysis {
+    /// Highest share of 5xx answers (the backend's, and the gateway's own
+    /// 502/503/504), written like `1%` or `0.5%`. Default `1%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.matches('^(100|[0-9]{1,2}(\\\\.[0-9]{1,3})?)%$')")
+        .message("analysis.maxErrorRate: must be a percent from 0% to 100%, such as 1% or 0.5%"))]
+    pub max_error_rate: Option<String>,
+
+    /// Highest 99th percentile of the time to the end of the response.
+    /// Unset: not judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_latency: Option<Duration>,
+
+    /// Highest 99th percentile of the time requests were held waiting for a
+    /// replica (a cold start). Unset: not judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cold_wait: Option<Duration>,
+
+    /// Fewest requests a step needs before it can pass (1-1000000); with
+    /// fewer the step holds. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 1000000))]
+    pub min_requests: Option<i32>,
 }
 
 /// What a request must look like to take a route. Set exactly one of `path`
@@ -450,6 +532,9 @@ pub struct HybridAppStatus {
     /// Number of routes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_count: Option<i32>,
+    /// Routes whose migration has not ended, like `search Progressing 25%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<String>,
 }
 
 /// State of one workload.
@@ -484,14 +569,102 @@ pub enum WorkloadState {
     Degraded,
 }
 
-/// Effective traffic split of one route.
+/// Effective traffic split of one route: what the gateways apply.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteStatus {
     /// Route name.
     pub name: String,
-    /// Percent of requests per workload.
+    /// Percent of requests per workload. Equal to the spec's weights unless
+    /// a migration is under way or was rolled back.
     pub weights: BTreeMap<String, i32>,
+    /// The route's latest migration, while it runs and after it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+}
+
+/// Where a route's migration stands. Everything a new leader needs to resume
+/// it is here.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// Where it stands.
+    pub phase: MigrationPhase,
+    /// The step under way, 1-based (0 while pre-warming for the first).
+    pub step: i32,
+    /// Percent of the change the current step applies.
+    pub step_weight: i32,
+    /// Percent of the change in traffic now: the previous step's while a
+    /// step pre-warms, 0 after a rollback, 100 once it succeeded. The
+    /// gateways split by `baseline × (100 − applied) + target × applied`.
+    pub applied: i32,
+    /// When the current step (or its pre-warm) began.
+    pub step_started: Time,
+    /// When the migration began.
+    pub started: Time,
+    /// The weights it started from (and rolls back to).
+    pub baseline: BTreeMap<String, i32>,
+    /// The weights it moves to: the spec's.
+    pub target: BTreeMap<String, i32>,
+    /// Replicas each destination is held at, at least, while the migration
+    /// runs (and, after a rollback, until `warmUntil`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prewarm: BTreeMap<String, i32>,
+    /// After a rollback: when the destination may scale down again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_until: Option<Time>,
+    /// Why it is in this phase, with the figures.
+    pub message: String,
+    /// The latest judgement of a step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_analysis: Option<AnalysisStatus>,
+}
+
+/// Phase of a migration.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationPhase {
+    /// Waiting for the destination's replicas before a step.
+    PreWarming,
+    /// A step is under way.
+    Progressing,
+    /// Held by the `migration.tandem.dev/<route>: pause` annotation.
+    Paused,
+    /// A step could not progress before its deadline (see the message).
+    Stalled,
+    /// Reached the target.
+    Succeeded,
+    /// A gate failed; back at the baseline until the spec changes.
+    RolledBack,
+    /// Stopped by the `abort` annotation; back at the baseline until the
+    /// spec changes.
+    Aborted,
+}
+
+/// Figures of one step's judgement, summed over gateway replicas, for the
+/// backends that gain traffic.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisStatus {
+    /// The step judged.
+    pub step: i32,
+    /// When.
+    pub time: Time,
+    /// Seconds of traffic measured.
+    pub window_seconds: i64,
+    /// Requests measured.
+    pub requests: i64,
+    /// Of which 5xx.
+    pub errors: i64,
+    /// `errors / requests`, like `0.4%`.
+    pub error_rate: String,
+    /// 99th percentile of response time, in milliseconds.
+    pub p99_latency_ms: i64,
+    /// Requests that were held for a cold start.
+    pub cold_waits: i64,
+    /// 99th percentile of their wait, in milliseconds.
+    pub p99_cold_wait_ms: i64,
+    /// `Passed`, `Failed` or `TooFewRequests`.
+    pub result: String,
 }
 
 /// Schema of `hosts`: a set of at most 16 lowercase DNS names.

@@ -69,13 +69,41 @@ impl Cluster for View {
         if workload.mode == Mode::AlwaysOn && scaling.metric != Metric::Concurrency {
             return None;
         }
+        // A migration holds its destination at the replicas its next step
+        // needs (pre-warm), and after a rollback for the grace.
+        let floor = crate::migration::floors(&app, Timestamp::now())
+            .get(&key.workload)
+            .copied()
+            .unwrap_or(0);
+        let min = (scaling.min_replicas.max(0) as u32).max(floor);
         Some(ScalingPolicy::defaults(
-            scaling.min_replicas.max(0) as u32,
+            min.min(scaling.max_replicas.max(1) as u32),
             scaling.max_replicas.max(1) as u32,
             scaling.initial_replicas.max(1) as u32,
             scaling.target_concurrency.max(1) as u32,
             scaling.scale_to_zero_after,
         ))
+    }
+
+    fn held(&self) -> Vec<WorkloadRef> {
+        let now = Timestamp::now();
+        self.apps
+            .state()
+            .iter()
+            .flat_map(|app| {
+                let (namespace, name) = (
+                    app.metadata.namespace.clone().unwrap_or_default(),
+                    app.metadata.name.clone().unwrap_or_default(),
+                );
+                crate::migration::floors(app, now)
+                    .into_keys()
+                    .map(move |workload| WorkloadRef {
+                        namespace: namespace.clone(),
+                        app: name.clone(),
+                        workload,
+                    })
+            })
+            .collect()
     }
 
     fn replicas(&self, key: &WorkloadRef) -> Option<u32> {
@@ -96,7 +124,12 @@ impl Cluster for View {
 
 /// Serves the demand/stats endpoint on `listener` and runs the loop. Ends
 /// only if the endpoint fails; the operator exits then.
-pub async fn run(client: kube::Client, listener: TcpListener, namespace: Option<String>) {
+pub async fn run(
+    client: kube::Client,
+    listener: TcpListener,
+    namespace: Option<String>,
+    meter: Arc<crate::migration::Meter>,
+) {
     let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
     let mut server = tokio::spawn(serve(listener, tx));
 
@@ -134,7 +167,10 @@ pub async fn run(client: kube::Client, listener: TcpListener, namespace: Option<
                             writes.spawn(scale(client.clone(), recorder.clone(), view.apps.clone(), write));
                         }
                     }
-                    Message::Stats(stats) => state.on_stats(now(), &stats, &view),
+                    Message::Stats(stats) => {
+                        meter.record(&stats);
+                        state.on_stats(now(), &stats, &view);
+                    }
                 }
             }
             _ = tick.tick() => {

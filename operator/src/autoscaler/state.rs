@@ -40,6 +40,11 @@ pub trait Cluster {
     fn policy(&self, workload: &WorkloadRef) -> Option<ScalingPolicy>;
     /// Its Deployment's `spec.replicas` now (`None`: no Deployment yet).
     fn replicas(&self, workload: &WorkloadRef) -> Option<u32>;
+    /// Workloads held at a floor by a migration: decided at every tick even
+    /// before any gateway reports on them.
+    fn held(&self) -> Vec<WorkloadRef> {
+        Vec::new()
+    }
 }
 
 /// A `replicas` write to make.
@@ -249,6 +254,9 @@ impl ScalerState {
     /// changed.
     pub fn tick(&mut self, now: Duration, cluster: &impl Cluster) -> TickOutcome {
         let mut outcome = TickOutcome::default();
+        for key in cluster.held() {
+            self.tracked(&key, now, cluster);
+        }
         self.workloads
             .retain(|key, _| cluster.policy(key).is_some());
         for (key, tracked) in &mut self.workloads {
@@ -471,6 +479,7 @@ mod tests {
                     requests: 0,
                 })
                 .collect(),
+            routes: vec![],
         }
     }
 

@@ -103,6 +103,8 @@ pub struct Context {
     /// The generation of each app whose orphaned children were last looked
     /// for (in the last minute).
     swept: Recent<i64>,
+    /// What the gateways measured per route (for migration gates).
+    meter: Arc<crate::migration::Meter>,
     /// Events being published; beyond [`EVENTS_IN_FLIGHT`] an Event is
     /// dropped (and logged) rather than queued without bound.
     events: Arc<tokio::sync::Semaphore>,
@@ -226,6 +228,7 @@ pub async fn run(
     client: kube::Client,
     metrics: ControllerMetrics,
     settings: ControllerSettings,
+    meter: Arc<crate::migration::Meter>,
     on_synced: impl FnOnce() + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -278,6 +281,7 @@ pub async fn run(
         applied_services: Default::default(),
         written_status: Default::default(),
         swept: Default::default(),
+        meter,
         events: Arc::new(tokio::sync::Semaphore::new(EVENTS_IN_FLIGHT)),
         synced: Default::default(),
     });
@@ -436,8 +440,10 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
     // Update status; a Deployment created in this pass is judged as the API
     // server returned it, so a new app is reported on at once, not one
     // watch event later.
-    update_status(app, context, None).await?;
-    Ok(Action::requeue(context.settings.resync))
+    let recheck = update_status(app, context, None).await?;
+    Ok(Action::requeue(
+        recheck.map_or(context.settings.resync, |r| r.min(context.settings.resync)),
+    ))
 }
 
 /// Checks the rules the CRD schema cannot express.
@@ -708,11 +714,13 @@ where
     }
 }
 
+/// Writes the status if it changed. Returns when to look again for a
+/// migration under way.
 async fn update_status(
     app: &HybridApp,
     context: &Context,
     problem: Option<&Problem>,
-) -> Result<(), Error> {
+) -> Result<Option<Duration>, Error> {
     let namespace = app.namespace().ok_or(Error::MissingField("namespace"))?;
     let name = app.name_any();
     let deployments: BTreeMap<String, Deployment> = app
@@ -736,7 +744,16 @@ async fn update_status(
         .filter(|(seen, _)| *seen == version)
         .map(|(_, written)| written);
     let previous = recent.as_deref().or(app.status.as_ref());
-    let next = status::compute(app, &deployments, problem, previous, Time(Timestamp::now()));
+    let now = Timestamp::now();
+    let routes = migrate(app, context, &namespace, &deployments, previous, now);
+    let next = status::compute(
+        app,
+        &deployments,
+        routes.statuses,
+        problem,
+        previous,
+        Time(now),
+    );
     // The autoscaler's condition is its own (another field manager): it
     // is neither compared nor written here.
     let mine = previous.map(|p| {
@@ -745,7 +762,7 @@ async fn update_status(
         p
     });
     if mine.as_ref() == Some(&next) {
-        return Ok(());
+        return Ok(routes.recheck);
     }
     let was_ready = is_ready(previous);
     let patch = json!({
@@ -763,10 +780,21 @@ async fn update_status(
                 .remember(&namespace, &name, (version, Arc::new(next.clone())))
         }
         // Deleted while we reconciled: nothing left to report on.
-        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(None),
         Err(error) => return Err(error.into()),
     }
     context.metrics.write("status");
+    for note in routes.notes {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish_as(context, app, type_, note.reason, &note.action, note.message).await;
+    }
+    if !routes.consumed.is_empty() {
+        consume_commands(context, &namespace, &name, &routes.consumed).await;
+    }
     // A Ready Event marks a recovery (from degraded or an invalid spec); a
     // new app's first Ready is its WorkloadCreated Event's sequel and says
     // nothing the condition does not (one request fewer per app).
@@ -779,7 +807,125 @@ async fn update_status(
             .unwrap_or_default();
         publish(context, app, EventType::Normal, "Ready", message).await;
     }
-    Ok(())
+    Ok(routes.recheck)
+}
+
+/// The routes' next statuses, from [`crate::migration::advance`].
+struct Routes {
+    statuses: Vec<crate::api::RouteStatus>,
+    notes: Vec<crate::migration::Note>,
+    recheck: Option<Duration>,
+    /// Routes whose one-shot command annotation was acted on.
+    consumed: Vec<String>,
+}
+
+fn migrate(
+    app: &HybridApp,
+    context: &Context,
+    namespace: &str,
+    deployments: &BTreeMap<String, Deployment>,
+    previous: Option<&HybridAppStatus>,
+    now: Timestamp,
+) -> Routes {
+    let name = app.name_any();
+    let mut routes = Routes {
+        statuses: Vec::new(),
+        notes: Vec::new(),
+        recheck: None,
+        consumed: Vec::new(),
+    };
+    for route in &app.spec.routes {
+        let before = previous.and_then(|p| p.routes.iter().find(|r| r.name == route.name));
+        let observed = Observed {
+            deployments,
+            meter: &context.meter,
+            namespace,
+            app: &name,
+            route: &route.name,
+        };
+        let command = crate::migration::Command::of(app, &route.name);
+        let outcome =
+            crate::migration::advance(route, &app.spec.workloads, before, command, &observed, now);
+        if outcome
+            .status
+            .migration
+            .as_ref()
+            .is_none_or(|m| !crate::migration::running(m.phase))
+        {
+            context.meter.close(namespace, &name, &route.name);
+        }
+        if outcome.consumed.is_some_and(|c| c.one_shot()) {
+            routes.consumed.push(route.name.clone());
+        }
+        routes.notes.extend(outcome.notes);
+        routes.recheck = match (routes.recheck, outcome.recheck) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        routes.statuses.push(outcome.status);
+    }
+    routes
+}
+
+/// The cluster as a migration sees it.
+struct Observed<'a> {
+    deployments: &'a BTreeMap<String, Deployment>,
+    meter: &'a crate::migration::Meter,
+    namespace: &'a str,
+    app: &'a str,
+    route: &'a str,
+}
+
+impl crate::migration::Observed for Observed<'_> {
+    fn ready(&self, workload: &str) -> i32 {
+        self.deployments
+            .get(workload)
+            .and_then(|d| d.status.as_ref())
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+    }
+
+    fn figures(
+        &self,
+        step: &crate::migration::StepId,
+        workloads: &[String],
+    ) -> crate::migration::Figures {
+        self.meter
+            .figures(self.namespace, self.app, self.route, step, workloads)
+    }
+
+    fn route_concurrency(&self) -> f64 {
+        self.meter
+            .route_concurrency(self.namespace, self.app, self.route)
+    }
+}
+
+/// Removes the `promote`/`abort`/`resume` annotations acted on (a JSON merge
+/// patch of metadata, as `kubectl annotate ...-` does).
+async fn consume_commands(context: &Context, namespace: &str, name: &str, routes: &[String]) {
+    let annotations: serde_json::Map<String, Value> = routes
+        .iter()
+        .map(|r| {
+            (
+                format!("{}{r}", crate::migration::COMMAND_PREFIX),
+                Value::Null,
+            )
+        })
+        .collect();
+    let patch = json!({"metadata": {"annotations": annotations}});
+    let api = Api::<HybridApp>::namespaced(context.client.clone(), namespace);
+    let patched = tokio::time::timeout(
+        Duration::from_secs(10),
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await;
+    if !matches!(patched, Ok(Ok(_))) {
+        tracing::warn!(
+            ?patched,
+            app = name,
+            "remove the migration command annotations"
+        );
+    }
 }
 
 /// Whether the app was Ready once and then not (degraded, invalid spec).
@@ -803,11 +949,23 @@ fn is_ready(status: Option<&HybridAppStatus>) -> bool {
 /// is a record for people; it must not slow the work it records), with a
 /// 10 s timeout and at most [`EVENTS_IN_FLIGHT`] at once.
 async fn publish(context: &Context, app: &HybridApp, type_: EventType, reason: &str, note: String) {
+    publish_as(context, app, type_, reason, "Reconcile", note).await;
+}
+
+/// [`publish`] with an action of its own.
+async fn publish_as(
+    context: &Context,
+    app: &HybridApp,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: action.into(),
         secondary: None,
     };
     let Ok(permit) = context.events.clone().try_acquire_owned() else {

@@ -12,7 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::contract::condition;
 use crate::api::{
-    HybridApp, HybridAppStatus, Mode, Route, RouteStatus, Workload, WorkloadState, WorkloadStatus,
+    HybridApp, HybridAppStatus, MigrationPhase, MigrationStatus, Mode, RouteStatus, Workload,
+    WorkloadState, WorkloadStatus,
 };
 
 /// Something that kept the reconcile from converging.
@@ -24,11 +25,13 @@ pub enum Problem {
     ApplyFailed(String),
 }
 
-/// Computes the status. `previous` supplies condition transition times, which
-/// change only when a condition's status changes.
+/// Computes the status around `routes` (the effective weights, from
+/// [`crate::migration::advance`]). `previous` supplies condition transition
+/// times, which change only when a condition's status changes.
 pub fn compute(
     app: &HybridApp,
     deployments: &BTreeMap<String, Deployment>,
+    routes: Vec<RouteStatus>,
     problem: Option<&Problem>,
     previous: Option<&HybridAppStatus>,
     now: Time,
@@ -65,64 +68,81 @@ pub fn compute(
 
     // (ready, progressing, degraded, reconciling, stalled), each (status, reason, message)
     type C = (bool, &'static str, String);
-    let (ready, progressing, degraded_c, reconciling, stalled): (C, C, C, Option<C>, Option<C>) =
-        match problem {
-            Some(Problem::InvalidSpec(message)) => (
-                (false, "InvalidSpec", message.clone()),
-                (false, "InvalidSpec", "waiting for a corrected spec".into()),
-                (true, "InvalidSpec", message.clone()),
+    let (ready, progressing, degraded_c, mut reconciling, mut stalled): (
+        C,
+        C,
+        C,
+        Option<C>,
+        Option<C>,
+    ) = match problem {
+        Some(Problem::InvalidSpec(message)) => (
+            (false, "InvalidSpec", message.clone()),
+            (false, "InvalidSpec", "waiting for a corrected spec".into()),
+            (true, "InvalidSpec", message.clone()),
+            None,
+            Some((true, "InvalidSpec", message.clone())),
+        ),
+        Some(Problem::ApplyFailed(message)) => (
+            (false, "ApplyFailed", message.clone()),
+            (true, "Retrying", message.clone()),
+            (true, "ApplyFailed", message.clone()),
+            Some((true, "ApplyFailed", message.clone())),
+            None,
+        ),
+        None if !degraded.is_empty() => {
+            let message = describe(&degraded);
+            (
+                (false, "WorkloadDegraded", message.clone()),
+                (false, "WorkloadDegraded", message.clone()),
+                (true, "WorkloadDegraded", message.clone()),
                 None,
-                Some((true, "InvalidSpec", message.clone())),
-            ),
-            Some(Problem::ApplyFailed(message)) => (
-                (false, "ApplyFailed", message.clone()),
-                (true, "Retrying", message.clone()),
-                (true, "ApplyFailed", message.clone()),
-                Some((true, "ApplyFailed", message.clone())),
+                Some((true, "WorkloadDegraded", message)),
+            )
+        }
+        None if !starting.is_empty() => {
+            let message = format!("waiting for {}", describe(&starting));
+            (
+                (false, "WorkloadsStarting", message.clone()),
+                (true, "WorkloadsStarting", message.clone()),
+                (false, "AsExpected", "no workload is degraded".into()),
+                Some((true, "WorkloadsStarting", message)),
                 None,
-            ),
-            None if !degraded.is_empty() => {
-                let message = describe(&degraded);
-                (
-                    (false, "WorkloadDegraded", message.clone()),
-                    (false, "WorkloadDegraded", message.clone()),
-                    (true, "WorkloadDegraded", message.clone()),
-                    None,
-                    Some((true, "WorkloadDegraded", message)),
+            )
+        }
+        None => {
+            let total = workloads.len();
+            let message = if at_zero > 0 {
+                format!(
+                    "{total} workloads ready ({at_zero} function(s) scaled to zero, woken on demand)"
                 )
-            }
-            None if !starting.is_empty() => {
-                let message = format!("waiting for {}", describe(&starting));
+            } else {
+                format!("{total} workloads ready")
+            };
+            (
+                (true, "AllWorkloadsReady", message),
                 (
-                    (false, "WorkloadsStarting", message.clone()),
-                    (true, "WorkloadsStarting", message.clone()),
-                    (false, "AsExpected", "no workload is degraded".into()),
-                    Some((true, "WorkloadsStarting", message)),
-                    None,
-                )
+                    false,
+                    "Complete",
+                    "all workloads are at their desired state".into(),
+                ),
+                (false, "AsExpected", "no workload is degraded".into()),
+                None,
+                None,
+            )
+        }
+    };
+
+    let (migrated, migrations) = migrations(&routes);
+    if problem.is_none() && reconciling.is_none() && stalled.is_none() && !migrated.0 {
+        // kstatus: in progress while a migration runs, stalled when one
+        // cannot reach the spec's weights.
+        match migrated.1 {
+            "Stalled" | "RolledBack" | "Aborted" => {
+                stalled = Some((true, migrated.1, migrated.2.clone()));
             }
-            None => {
-                let total = workloads.len();
-                let message = if at_zero > 0 {
-                    format!(
-                        "{total} workloads ready ({at_zero} function(s) scaled to zero, woken on demand)"
-                    )
-                } else {
-                    format!("{total} workloads ready")
-                };
-                (
-                    (true, "AllWorkloadsReady", message),
-                    (
-                        false,
-                        "Complete",
-                        "all workloads are at their desired state".into(),
-                    ),
-                    (false, "AsExpected", "no workload is degraded".into()),
-                    None,
-                    None,
-                )
-            }
-        };
+            _ => reconciling = Some((true, "Migrating", migrated.2.clone())),
+        }
+    }
 
     let generation = app.metadata.generation;
     let old = previous
@@ -132,6 +152,7 @@ pub fn compute(
         condition(condition::READY, ready, generation, old, &now),
         condition(condition::PROGRESSING, progressing, generation, old, &now),
         condition(condition::DEGRADED, degraded_c, generation, old, &now),
+        condition(condition::MIGRATED, migrated, generation, old, &now),
     ];
     if let Some(c) = reconciling {
         conditions.push(condition(condition::RECONCILING, c, generation, old, &now));
@@ -143,7 +164,8 @@ pub fn compute(
     HybridAppStatus {
         observed_generation: generation,
         conditions,
-        routes: app.spec.routes.iter().map(route_status).collect(),
+        routes,
+        migrations,
         functions: Some(count(Mode::Function)),
         functions_at_zero: Some(at_zero),
         always_on: Some(count(Mode::AlwaysOn)),
@@ -226,44 +248,60 @@ fn workload_status(workload: &Workload, deployment: Option<&Deployment>) -> Work
     status
 }
 
-/// Percent of a route's requests per workload, by the largest-remainder
-/// method so the shares add up to exactly 100.
-pub fn route_status(route: &Route) -> RouteStatus {
-    let total: u32 = route.backends.iter().map(|b| b.weight()).sum();
-    let mut weights = BTreeMap::new();
-    if total == 0 {
-        return RouteStatus {
-            name: route.name.clone(),
-            weights,
-        };
-    }
-    let exact: Vec<(usize, u32, u32)> = route
-        .backends
+/// The `Migrated` condition and the printer column's summary: True when
+/// every route is at its spec's weights; else False with the phase of the
+/// first route that is not, worst first.
+fn migrations(routes: &[RouteStatus]) -> ((bool, &'static str, String), Option<String>) {
+    let open: Vec<(&RouteStatus, &MigrationStatus)> = routes
         .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let scaled = b.weight() * 100;
-            (i, scaled / total, scaled % total)
-        })
+        .filter_map(|r| r.migration.as_ref().map(|m| (r, m)))
+        .filter(|(_, m)| m.phase != MigrationPhase::Succeeded)
         .collect();
-    let mut left = 100 - exact.iter().map(|(_, q, _)| q).sum::<u32>();
-    let mut by_remainder = exact.clone();
-    by_remainder.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
-    let mut shares: Vec<u32> = exact.iter().map(|(_, q, _)| *q).collect();
-    for (i, _, remainder) in by_remainder {
-        if left == 0 || remainder == 0 {
-            break;
-        }
-        shares[i] += 1;
-        left -= 1;
+    if open.is_empty() {
+        let message = if routes.iter().any(|r| r.migration.is_some()) {
+            "every migration succeeded"
+        } else {
+            "no route is migrating"
+        };
+        return ((true, "Migrated", message.into()), None);
     }
-    for (backend, share) in route.backends.iter().zip(shares) {
-        weights.insert(backend.workload.clone(), share as i32);
-    }
-    RouteStatus {
-        name: route.name.clone(),
-        weights,
-    }
+    let rank = |phase: MigrationPhase| match phase {
+        MigrationPhase::RolledBack => 0,
+        MigrationPhase::Aborted => 1,
+        MigrationPhase::Stalled => 2,
+        MigrationPhase::Paused => 3,
+        _ => 4,
+    };
+    let (worst_route, worst) = open
+        .iter()
+        .min_by_key(|(_, m)| rank(m.phase))
+        .expect("not empty");
+    let reason = match worst.phase {
+        MigrationPhase::RolledBack => "RolledBack",
+        MigrationPhase::Aborted => "Aborted",
+        MigrationPhase::Stalled => "Stalled",
+        MigrationPhase::Paused => "Paused",
+        MigrationPhase::PreWarming => "PreWarming",
+        _ => "Progressing",
+    };
+    let summary = open
+        .iter()
+        .map(|(r, m)| match m.phase {
+            MigrationPhase::RolledBack | MigrationPhase::Aborted => {
+                format!("{} {:?}", r.name, m.phase)
+            }
+            _ => format!("{} {:?} {}%", r.name, m.phase, m.step_weight),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    (
+        (
+            false,
+            reason,
+            format!("route {}: {}", worst_route.name, worst.message),
+        ),
+        Some(summary),
+    )
 }
 
 #[cfg(test)]
@@ -299,6 +337,19 @@ spec:
         .unwrap()
     }
 
+    fn routes() -> Vec<RouteStatus> {
+        app()
+            .spec
+            .routes
+            .iter()
+            .map(|r| RouteStatus {
+                name: r.name.clone(),
+                weights: crate::migration::percent_shares(r),
+                migration: None,
+            })
+            .collect()
+    }
+
     fn now() -> Time {
         Time("2026-01-01T00:00:00Z".parse().unwrap())
     }
@@ -313,7 +364,7 @@ spec:
             ("web".to_string(), deployment(1, 1)),
             ("fn".to_string(), deployment(0, 0)),
         ]);
-        let status = compute(&app(), &observed, None, None, now());
+        let status = compute(&app(), &observed, routes(), None, None, now());
         assert_eq!(status.observed_generation, Some(4));
         assert_eq!(find(&status, "Ready").unwrap().status, "True");
         assert_eq!(find(&status, "Ready").unwrap().reason, "AllWorkloadsReady");
@@ -334,7 +385,7 @@ spec:
     #[test]
     fn starting_workloads_keep_it_progressing_and_name_the_laggards() {
         let observed = BTreeMap::from([("web".to_string(), deployment(2, 1))]);
-        let status = compute(&app(), &observed, None, None, now());
+        let status = compute(&app(), &observed, routes(), None, None, now());
         let ready = find(&status, "Ready").unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -359,6 +410,7 @@ spec:
         let first = compute(
             &app(),
             &BTreeMap::new(),
+            routes(),
             Some(&Problem::InvalidSpec("bad template".into())),
             None,
             now(),
@@ -369,6 +421,7 @@ spec:
         let again = compute(
             &app(),
             &BTreeMap::new(),
+            routes(),
             Some(&Problem::InvalidSpec("bad template".into())),
             Some(&first),
             later.clone(),
@@ -378,7 +431,14 @@ spec:
             ("web".to_string(), deployment(1, 1)),
             ("fn".to_string(), deployment(0, 0)),
         ]);
-        let fixed = compute(&app(), &observed, None, Some(&again), later.clone());
+        let fixed = compute(
+            &app(),
+            &observed,
+            routes(),
+            None,
+            Some(&again),
+            later.clone(),
+        );
         assert_eq!(find(&fixed, "Ready").unwrap().last_transition_time, later);
         assert!(find(&fixed, "Stalled").is_none());
     }
@@ -391,11 +451,11 @@ spec:
                 .enumerate()
                 .map(|(i, w)| json!({"workload": format!("w{i}"), "weight": w}))
                 .collect();
-            let route: Route = serde_json::from_value(
+            let route: crate::api::Route = serde_json::from_value(
                 json!({"name": "r", "match": {"pathPrefix": "/"}, "backends": backends}),
             )
             .unwrap();
-            let shares = route_status(&route).weights;
+            let shares = crate::migration::percent_shares(&route);
             assert_eq!(
                 shares.values().sum::<i32>(),
                 100,

@@ -150,10 +150,22 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
                 })
                 .filter(|w| w.in_flight > 0 || w.held > 0 || w.requests > 0)
                 .collect();
+            let routes = gateway
+                .loads()
+                .into_iter()
+                .flat_map(|(key, load)| {
+                    let workload = reference(&key);
+                    let meters = load.routes.read().expect("routes lock").clone();
+                    meters
+                        .into_iter()
+                        .filter_map(move |(route, meter)| meter.report(workload.clone(), &route))
+                })
+                .collect();
             let stats = Stats {
                 gateway: gateway.id.clone(),
                 interval_ms: interval.as_millis() as u64,
                 workloads,
+                routes,
             };
             post_all(&client, &targets, STATS_PATH, &stats).await;
         }

@@ -363,6 +363,7 @@ async fn handle(
             asked,
             expect_continue: false,
             started,
+            cold_wait: None,
         };
         if let Err(error) = lifecycle::proxy(&gateway, &pool, request, &mut down).await {
             match down.head_tx.take() {

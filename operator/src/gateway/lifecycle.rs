@@ -265,8 +265,7 @@ pub(super) fn resolve(
             ),
         ));
     };
-    let Some(key) = pick_weighted(&route.backends, fastrand::u32(0..route.total_weight.max(1)))
-    else {
+    let Some(key) = pick_weighted(&route.backends, route.rolls.next(route.total_weight)) else {
         return Err(ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Origin::Gateway,
@@ -314,6 +313,8 @@ pub(super) struct Request<'a> {
     pub(super) expect_continue: bool,
     /// When its head arrived.
     pub(super) started: Instant,
+    /// How long it was held for a cold start, if it was.
+    pub(super) cold_wait: Option<Duration>,
 }
 
 /// The rest of the lifecycle after **resolve**: admit, hold, pick, attempt,
@@ -333,11 +334,19 @@ pub(super) async fn proxy<D: Downstream>(
             error.status
         }
     };
-    request.resolved.load.metrics.observe(
-        &request.resolved.route.name,
-        status,
-        request.started.elapsed(),
-    );
+    let took = request.started.elapsed();
+    let resolved = &request.resolved;
+    resolved
+        .load
+        .metrics
+        .observe(&resolved.route.name, status, took);
+    if resolved.route.measured {
+        resolved.load.route_meter(&resolved.route.name).record(
+            status.as_u16(),
+            took,
+            request.cold_wait,
+        );
+    }
     outcome
 }
 
@@ -403,7 +412,10 @@ async fn exchange<D: Downstream>(
 
     // Hold.
     let (target, payload) = if cold {
-        let (target, body) = hold(gateway, request, down, deadline).await?;
+        let held = Instant::now();
+        let outcome = hold(gateway, request, down, deadline).await;
+        request.cold_wait = Some(held.elapsed());
+        let (target, body) = outcome?;
         (target, Payload::Buffered(body))
     } else {
         (resolved.target.clone(), Payload::Streamed)
@@ -1065,6 +1077,7 @@ mod tests {
             in_flight: AtomicU64::new(0),
             held: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            routes: Default::default(),
         };
         let first = Held::enter(&load, 2).unwrap();
         let second = Held::enter(&load, 2).unwrap();

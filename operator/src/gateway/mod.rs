@@ -16,6 +16,7 @@ pub mod h1;
 pub mod h2;
 pub mod lifecycle;
 pub mod metrics;
+pub mod route_meter;
 pub mod source;
 pub mod state;
 pub mod table;

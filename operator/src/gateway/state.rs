@@ -13,6 +13,7 @@ use tokio::time::Duration;
 use super::balance::EndpointLoads;
 use super::forwarding::Cidr;
 use super::metrics::{GatewayMetrics, WorkloadMetrics};
+use super::route_meter::RouteMeter;
 use super::table::{FastMap, RoutingTable, WorkloadKey};
 
 /// Limits and deadlines of a gateway (from its flags).
@@ -89,6 +90,36 @@ pub struct WorkloadLoad {
     pub held: AtomicU64,
     /// Requests started since the last stats report.
     pub requests: AtomicU64,
+    /// Counters per route that has a migration, by route name.
+    pub routes: RwLock<FastMap<String, Arc<RouteMeter>>>,
+}
+
+impl WorkloadLoad {
+    /// The meter of `route` (made on first use).
+    pub fn route_meter(&self, route: &str) -> Arc<RouteMeter> {
+        shared_entry(&self.routes, route, Default::default)
+    }
+}
+
+/// The entry of `key` in `map`, made by `make` if absent: a read lock on
+/// the common path, the write lock only to insert.
+fn shared_entry<K, Q, V>(
+    map: &RwLock<FastMap<K, Arc<V>>>,
+    key: &Q,
+    make: impl FnOnce() -> V,
+) -> Arc<V>
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: ToOwned<Owned = K> + std::hash::Hash + Eq + ?Sized,
+{
+    if let Some(value) = map.read().expect("map lock").get(key) {
+        return value.clone();
+    }
+    map.write()
+        .expect("map lock")
+        .entry(key.to_owned())
+        .or_insert_with(|| Arc::new(make()))
+        .clone()
 }
 
 impl WorkloadLoad {
@@ -137,22 +168,13 @@ impl Gateway {
 
     /// Counters of one workload.
     pub fn load_of(&self, key: &WorkloadKey) -> Arc<WorkloadLoad> {
-        if let Some(load) = self.workloads.read().expect("workloads lock").get(key) {
-            return load.clone();
-        }
-        self.workloads
-            .write()
-            .expect("workloads lock")
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(WorkloadLoad {
-                    metrics: self.metrics.workload(key),
-                    in_flight: AtomicU64::new(0),
-                    held: AtomicU64::new(0),
-                    requests: AtomicU64::new(0),
-                })
-            })
-            .clone()
+        shared_entry(&self.workloads, key, || WorkloadLoad {
+            metrics: self.metrics.workload(key),
+            in_flight: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            routes: Default::default(),
+        })
     }
 
     /// Every workload's counters.
@@ -180,8 +202,12 @@ impl Gateway {
         workloads.retain(|key, load| {
             let keep = table.workload(key).is_some() || !load.idle();
             if keep {
-                load.metrics
-                    .retain_routes(|route| routes.get(key).is_some_and(|r| r.contains(route)));
+                let kept = |route: &str| routes.get(key).is_some_and(|r| r.contains(route));
+                load.metrics.retain_routes(kept);
+                load.routes
+                    .write()
+                    .expect("routes lock")
+                    .retain(|route, _| kept(route));
             } else {
                 load.metrics.remove();
             }

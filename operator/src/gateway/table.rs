@@ -94,6 +94,11 @@ pub struct CompiledRoute {
     pub backends: Vec<(WorkloadKey, u32)>,
     /// Sum of the weights.
     pub total_weight: u32,
+    /// It has a migration: its requests are counted per backend for the
+    /// operator's gates.
+    pub measured: bool,
+    /// Where its weighted picks stand.
+    pub rolls: super::balance::Rolls,
 }
 
 impl CompiledRoute {
@@ -213,21 +218,22 @@ impl RoutingTable {
                     }
                     (None, None) => PathMatch::Prefix("/".into()),
                 };
-                let backends: Vec<(WorkloadKey, u32)> = route
-                    .backends
-                    .iter()
-                    .filter(|b| b.weight() > 0)
-                    .map(|b| {
-                        (
-                            WorkloadKey {
-                                namespace: namespace.clone(),
-                                app: name.clone(),
-                                workload: b.workload.clone(),
-                            },
-                            b.weight(),
-                        )
-                    })
-                    .collect();
+                // The effective weights: the spec's, or a migration's.
+                let backends: Vec<(WorkloadKey, u32)> =
+                    crate::migration::gateway_weights(app, route)
+                        .into_iter()
+                        .filter(|(_, weight)| *weight > 0)
+                        .map(|(workload, weight)| {
+                            (
+                                WorkloadKey {
+                                    namespace: namespace.clone(),
+                                    app: name.clone(),
+                                    workload,
+                                },
+                                weight,
+                            )
+                        })
+                        .collect();
                 let compiled = Arc::new(CompiledRoute {
                     namespace: namespace.clone(),
                     app: name.clone(),
@@ -243,6 +249,8 @@ impl RoutingTable {
                         .collect(),
                     total_weight: backends.iter().map(|(_, w)| w).sum(),
                     backends,
+                    measured: route.migration.is_some(),
+                    rolls: Default::default(),
                 });
                 if host_specific {
                     for host in &app.spec.hosts {

@@ -259,6 +259,14 @@ impl Gateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The gateway's Prometheus metrics.
+    pub async fn metrics(&self) -> String {
+        testenv::http_client::get(&format!("http://{}/metrics", self.admin))
+            .await
+            .map(|a| a.body)
+            .unwrap_or_default()
+    }
+
     /// A gateway sending every path to one Function `fn` (request timeout
     /// `timeout`) that has no ready endpoint.
     async fn for_a_cold_function(

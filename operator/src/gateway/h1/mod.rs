@@ -195,6 +195,7 @@ pub async fn serve(
                     },
                     expect_continue: request.expect_continue,
                     started,
+                    cold_wait: None,
                 };
                 match lifecycle::proxy(gateway, pool, proxied, &mut down).await {
                     Ok(_) if down.close => Next::Close,
