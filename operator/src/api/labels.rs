@@ -27,7 +27,17 @@ pub fn selector(app: &str, workload: &str) -> Value {
     json!({APP: app, WORKLOAD: workload})
 }
 
-/// All labels of a workload's children and pods.
+/// Labels of a workload's pods: no mode, so a workload whose mode changes
+/// in place keeps its pods (no rollout).
+pub fn pod(app: &str, workload: &str) -> Value {
+    json!({
+        MANAGED_BY: MANAGER,
+        APP: app,
+        WORKLOAD: workload,
+    })
+}
+
+/// All labels of a workload's children.
 pub fn workload(app: &str, workload: &str, mode: Mode) -> Value {
     json!({
         MANAGED_BY: MANAGER,

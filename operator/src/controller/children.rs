@@ -66,7 +66,7 @@ fn build_workload(app: &HybridApp, workload: &Workload) -> WorkloadChildren {
 
     let mut template =
         serde_json::to_value(&workload.template).unwrap_or_else(|_| json!({"spec": {}}));
-    add_pod_labels(&mut template, &labels);
+    add_pod_labels(&mut template, &labels::pod(&app_name, &workload.name));
     add_named_port(&mut template, workload.port);
 
     let metadata = |kind_labels: &Value| {
@@ -272,7 +272,14 @@ spec:
         for (k, v) in selector.as_object().unwrap() {
             assert_eq!(&pod_labels[k], v, "pods carry the selector label {k}");
         }
-        assert_eq!(pod_labels[labels::MODE], "function");
+        assert!(
+            pod_labels.get(labels::MODE).is_none(),
+            "a mode changed in place restarts no pod"
+        );
+        assert_eq!(
+            thumbs.deployment["metadata"]["labels"][labels::MODE],
+            "function"
+        );
         assert_eq!(thumbs.service["spec"]["ports"][0]["targetPort"], 9000);
     }
 

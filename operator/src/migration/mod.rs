@@ -216,6 +216,9 @@ pub fn advance(
     observed: &impl Observed,
     now: Timestamp,
 ) -> Outcome {
+    // Status keeps times to the second: so does every time written here, or
+    // a step read back from the API server would not be the step written.
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let desired = percent_shares(route);
     let steady = |notes| Outcome {
         status: RouteStatus {

@@ -49,6 +49,7 @@ fn app(migration: Value, fn_env: Value) -> HybridApp {
 struct Setup {
     ns: TestNamespace,
     operator: OperatorProcess,
+    kubeconfig: std::path::PathBuf,
     gateway: GatewayHandle,
     apps: Api<HybridApp>,
 }
@@ -56,10 +57,15 @@ struct Setup {
 /// Creates the app, an operator and a gateway, and waits until `web` is
 /// ready, `fn` is at zero and the gateway sends `/search` to `web`.
 async fn setup(name: &str, migration: Value, fn_env: Value) -> Setup {
+    setup_with(name, migration, fn_env, &[]).await
+}
+
+/// [`setup`] with arguments for the operator.
+async fn setup_with(name: &str, migration: Value, fn_env: Value, operator_args: &[&str]) -> Setup {
     install_crd().await;
     let ns = TestNamespace::create(name).await;
-    let operator =
-        OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
+    let kubeconfig = operator_kubeconfig(&ns.name).await;
+    let operator = OperatorProcess::start(&ns.name, &kubeconfig, "op-1", operator_args).await;
     let apps: Api<HybridApp> = ns.api();
     apps.create(&PostParams::default(), &app(migration, fn_env))
         .await
@@ -69,10 +75,11 @@ async fn setup(name: &str, migration: Value, fn_env: Value) -> Setup {
         .dir
         .join(format!("migration-{}", ns.name));
     std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
+    let gateway_kubeconfig =
+        account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
     let gateway = GatewayHandle::start_kubernetes(
         &dir,
-        &kubeconfig,
+        &gateway_kubeconfig,
         &ns.name,
         &[format!("--operator-url=http://{}", operator.autoscaler)],
     )
@@ -95,6 +102,7 @@ async fn setup(name: &str, migration: Value, fn_env: Value) -> Setup {
     Setup {
         ns,
         operator,
+        kubeconfig,
         gateway,
         apps,
     }
@@ -517,4 +525,203 @@ async fn a_step_without_traffic_holds_then_stalls_with_the_reason() {
     })
     .await;
     setup.operator.assert_never_forbidden();
+}
+
+/// Sets `workload`'s mode (a merge patch of the whole list, no
+/// resourceVersion).
+async fn set_mode(apps: &Api<HybridApp>, workload: &str, mode: tandem::api::Mode) {
+    let mut workloads = apps.get("shop").await.unwrap().spec.workloads;
+    for w in workloads.iter_mut().filter(|w| w.name == workload) {
+        w.mode = mode;
+    }
+    let patch = json!({"spec": {"workloads": workloads}});
+    apps.patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+async fn wait_for_mode(apps: &Api<HybridApp>, workload: &str, mode: tandem::api::Mode) {
+    wait_for(
+        "the new mode in status",
+        Duration::from_secs(30),
+        || async {
+            let app = apps.get("shop").await.map_err(|e| e.to_string())?;
+            let seen = app
+                .status
+                .and_then(|s| s.workloads.into_iter().find(|w| w.name == workload))
+                .map(|w| (w.mode, w.state));
+            match seen {
+                Some((m, tandem::api::WorkloadState::Ready)) if m == mode => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_whose_mode_flips_in_place_under_load_fails_no_request() {
+    use tandem::api::Mode;
+    let setup = setup("flip", json!({"steps": [100]}), json!([])).await;
+    let apps = setup.apps.clone();
+    let pods_before: Vec<String> = environment()
+        .running_pods(&setup.ns.name)
+        .into_iter()
+        .map(|p| p.name)
+        .filter(|n| n.starts_with("shop-web-"))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(&setup.gateway, 4, 400_000, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    set_mode(&apps, "web", Mode::Function).await;
+    wait_for_mode(&apps, "web", Mode::Function).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    set_mode(&apps, "web", Mode::AlwaysOn).await;
+    wait_for_mode(&apps, "web", Mode::AlwaysOn).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let answers = traffic.await.unwrap();
+    let failed: Vec<&Answer> = answers.iter().filter(|a| a.status != 200).collect();
+    eprintln!("{} requests, {} failed", answers.len(), failed.len());
+    assert!(answers.len() > 1000, "{} requests", answers.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed, first {:?}",
+        failed.len(),
+        answers.len(),
+        failed.first()
+    );
+    // The same pods served throughout: a mode is not a reason to restart.
+    let pods_after: Vec<String> = environment()
+        .running_pods(&setup.ns.name)
+        .into_iter()
+        .map(|p| p.name)
+        .filter(|n| n.starts_with("shop-web-"))
+        .collect();
+    assert_eq!(pods_before, pods_after);
+    setup.operator.assert_never_forbidden();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_survive_20_sigkills_of_the_operator_at_random_points() {
+    let lease = ["--lease-duration=3s"];
+    let mut setup = setup_with(
+        "sigkill",
+        json!({"steps": [10, 30, 60, 100], "stepInterval": "2s", "progressDeadline": "120s",
+               "analysis": {"maxErrorRate": "5%", "minRequests": 20}}),
+        json!([]),
+        &lease,
+    )
+    .await;
+    let apps = setup.apps.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(&setup.gateway, 4, 1_000_000, stop.clone());
+    let states = follow_all(apps.clone(), stop.clone());
+    let mut kills = 0;
+    let mut targets = vec![];
+    let mut restarts = 1;
+    // Back and forth between the two workloads until 20 kills.
+    while kills < 20 {
+        let to_fn = targets.len() % 2 == 0;
+        let (web, fun) = if to_fn { (0, 100) } else { (100, 0) };
+        targets.push(fun);
+        set_weights(&apps, web, fun).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(300..2500))).await;
+            let now = migration_state(&apps).await;
+            if matches!(now, Some((MigrationPhase::Succeeded, ..))) && now.map(|n| n.2) == Some(fun)
+            {
+                break;
+            }
+            assert!(
+                !matches!(
+                    now,
+                    Some((MigrationPhase::RolledBack | MigrationPhase::Stalled, ..))
+                ),
+                "{now:?}"
+            );
+            setup.operator.kill().await;
+            kills += 1;
+            restarts += 1;
+            setup.operator = OperatorProcess::start_at(
+                &setup.ns.name,
+                &setup.kubeconfig,
+                &format!("op-{restarts}"),
+                &lease,
+                Some(setup.operator.autoscaler),
+            )
+            .await;
+            if kills >= 20 {
+                break;
+            }
+        }
+        wait_for(
+            "the migration to converge",
+            Duration::from_secs(120),
+            || async {
+                match migration_state(&apps).await {
+                    Some((MigrationPhase::Succeeded, 100, weight)) if weight == fun => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let answers = traffic.await.unwrap();
+    let history = states.await.unwrap();
+    eprintln!(
+        "{kills} kills over {} migrations; {} requests",
+        targets.len(),
+        answers.len()
+    );
+    // Per migration (by its start), the applied share never went back and
+    // its status was never lost once it began.
+    let mut by_start: BTreeMap<String, Vec<i32>> = BTreeMap::new();
+    let mut began = false;
+    for (_, seen) in &history {
+        match seen {
+            Some((started, _, applied)) => {
+                began = true;
+                by_start.entry(started.clone()).or_default().push(*applied);
+            }
+            None => assert!(!began, "the migration status was lost: {history:?}"),
+        }
+    }
+    assert_eq!(by_start.len(), targets.len(), "{by_start:?}");
+    for (started, applied) in &by_start {
+        assert!(
+            applied.windows(2).all(|w| w[0] <= w[1]),
+            "{started}: {applied:?}"
+        );
+        assert_eq!(applied.last(), Some(&100), "{started}: {applied:?}");
+    }
+    let failed = answers.iter().filter(|a| a.status != 200).count();
+    assert_eq!(failed, 0, "{failed} of {} requests failed", answers.len());
+    setup.operator.assert_never_forbidden();
+}
+
+/// Every change of (migration start, phase, applied) with the time seen.
+fn follow_all(
+    apps: Api<HybridApp>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Instant, Option<(String, MigrationPhase, i32)>)>> {
+    tokio::spawn(async move {
+        let mut seen: Vec<(Instant, Option<(String, MigrationPhase, i32)>)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(900);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok(app) = apps.get("shop").await {
+                let now = app
+                    .status
+                    .and_then(|s| s.routes.into_iter().find(|r| r.name == "search"))
+                    .and_then(|r| r.migration)
+                    .map(|m| (m.started.0.to_string(), m.phase, m.applied));
+                if seen.last().is_none_or(|(_, last)| *last != now) {
+                    seen.push((Instant::now(), now));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    })
 }

@@ -203,8 +203,10 @@ impl OperatorProcess {
             format!("--admin-address={admin}"),
             format!("--autoscaler-address={autoscaler}"),
             format!("--identity={identity}"),
-            "--lease-duration=6s".to_string(),
         ];
+        if !extra.iter().any(|a| a.starts_with("--lease-duration")) {
+            args.push("--lease-duration=6s".to_string());
+        }
         args.extend(extra.iter().map(|a| a.to_string()));
         let spec = testenv::process::ProcessSpec {
             program: env!("CARGO_BIN_EXE_tandem").into(),
