@@ -701,13 +701,13 @@ async fn migrations_survive_20_sigkills_of_the_operator_at_random_points() {
     setup.operator.assert_never_forbidden();
 }
 
+/// A migration's start, phase and applied share, as seen at a time.
+type History = Vec<(Instant, Option<(String, MigrationPhase, i32)>)>;
+
 /// Every change of (migration start, phase, applied) with the time seen.
-fn follow_all(
-    apps: Api<HybridApp>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<(Instant, Option<(String, MigrationPhase, i32)>)>> {
+fn follow_all(apps: Api<HybridApp>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<History> {
     tokio::spawn(async move {
-        let mut seen: Vec<(Instant, Option<(String, MigrationPhase, i32)>)> = Vec::new();
+        let mut seen: History = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(900);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             if let Ok(app) = apps.get("shop").await {
