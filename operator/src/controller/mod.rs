@@ -854,6 +854,12 @@ fn migrate(
         {
             context.meter.close(namespace, &name, &route.name);
         }
+        context.metrics.migration(
+            namespace,
+            &name,
+            &route.name,
+            outcome.status.migration.as_ref(),
+        );
         if outcome.consumed.is_some_and(|c| c.one_shot()) {
             routes.consumed.push(route.name.clone());
         }

@@ -428,7 +428,7 @@ fn walk(
             MigrationPhase::PreWarming | MigrationPhase::Stalled
                 if state.applied < state.step_weight =>
             {
-                let wanted = step_replicas(route, workloads, state, observed);
+                let wanted = step_replicas(workloads, state, observed);
                 for (workload, replicas) in &wanted {
                     let floor = state.prewarm.entry(workload.clone()).or_insert(0);
                     *floor = (*floor).max(*replicas);
@@ -676,12 +676,10 @@ fn destinations(state: &MigrationStatus) -> Vec<String> {
 /// concurrency times its share at the step, over its target per replica;
 /// at least one, and at least an AlwaysOn workload's minimum.
 fn step_replicas(
-    route: &Route,
     workloads: &[Workload],
     state: &MigrationStatus,
     observed: &impl Observed,
 ) -> BTreeMap<String, i32> {
-    let _ = route;
     let at_step = exact(state, state.step_weight);
     let concurrency = observed.route_concurrency();
     destinations(state)
@@ -692,11 +690,14 @@ fn step_replicas(
             let share = at_step.get(&name).copied().unwrap_or(0) as f64 / 10_000.0;
             let needed =
                 (concurrency * share / f64::from(scaling.target_concurrency.max(1))).ceil();
-            let floor = match workload.mode {
-                Mode::Function => 1,
-                Mode::AlwaysOn => scaling.min_replicas.max(1),
+            let replicas = match (workload.mode, scaling.metric) {
+                // A HorizontalPodAutoscaler owns its replicas: wait for its
+                // minimum only.
+                (Mode::AlwaysOn, crate::api::Metric::Cpu) => scaling.min_replicas.max(1),
+                (Mode::AlwaysOn, _) => (needed as i32).max(scaling.min_replicas.max(1)),
+                (Mode::Function, _) => (needed as i32).max(1),
             };
-            let replicas = (needed as i32).max(floor).min(scaling.max_replicas.max(1));
+            let replicas = replicas.min(scaling.max_replicas.max(1));
             Some((name, replicas))
         })
         .collect()

@@ -362,6 +362,22 @@ async fn a_healthy_migration_walks_its_steps_with_the_traffic_it_says() {
     );
     let (status, reason, _) = condition(&apps, "Migrated").await.unwrap();
     assert_eq!((status.as_str(), reason.as_str()), ("True", "Migrated"));
+    let metrics = setup.operator.get("/metrics").await.unwrap();
+    for (name, value) in [
+        ("tandem_route_migration_step", "4"),
+        ("tandem_route_migration_applied_percent", "100"),
+        ("tandem_route_migration_running", "0"),
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("route=\"search\""))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        assert!(line.ends_with(&format!(" {value}")), "{line}");
+    }
+    assert!(
+        metrics.contains("tandem_route_migration_analysis_requests{"),
+        "{metrics}"
+    );
     wait_for("the step events", Duration::from_secs(20), || async {
         let steps = events(&setup.ns, "MigrationStep").await;
         let done = events(&setup.ns, "Migrated").await;
