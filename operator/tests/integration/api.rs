@@ -291,6 +291,42 @@ fn invalid_cases() -> Vec<Invalid> {
             says: "between 1s and 15m",
         },
         Invalid {
+            case: "migration steps that go down",
+            name: "a",
+            spec: spec_with_routes(
+                "[{name: r, match: {pathPrefix: /}, backends: [{workload: web}], migration: {steps: [50, 25, 100]}}]",
+            ),
+            field: "spec.routes[0].migration.steps",
+            says: "steps must increase",
+        },
+        Invalid {
+            case: "migration steps that do not end at 100",
+            name: "a",
+            spec: spec_with_routes(
+                "[{name: r, match: {pathPrefix: /}, backends: [{workload: web}], migration: {steps: [10, 50]}}]",
+            ),
+            field: "spec.routes[0].migration.steps",
+            says: "the last step is 100",
+        },
+        Invalid {
+            case: "migration error rate that is not a percent",
+            name: "a",
+            spec: spec_with_routes(
+                "[{name: r, match: {pathPrefix: /}, backends: [{workload: web}], migration: {steps: [100], analysis: {maxErrorRate: '0.01'}}}]",
+            ),
+            field: "spec.routes[0].migration.analysis.maxErrorRate",
+            says: "must be a percent",
+        },
+        Invalid {
+            case: "migration step interval below 1s",
+            name: "a",
+            spec: spec_with_routes(
+                "[{name: r, match: {pathPrefix: /}, backends: [{workload: web}], migration: {steps: [100], stepInterval: 100ms}}]",
+            ),
+            field: "spec.routes[0].migration.stepInterval",
+            says: "between 1s and 1h",
+        },
+        Invalid {
             case: "pod template without containers",
             name: "a",
             spec: spec_with_workload("{template: {spec: {containers: []}}}"),
