@@ -207,7 +207,6 @@ pub struct Outcome {
 }
 
 /// The next status of `route`, given its previous one.
-#[allow(clippy::too_many_arguments)]
 pub fn advance(
     route: &Route,
     workloads: &[Workload],
@@ -244,17 +243,6 @@ pub fn advance(
             if baseline == desired || baseline.values().sum::<i32>() == 0 {
                 return steady(vec![]);
             }
-            if let Some(gone) = baseline.keys().find(|w| !known(w)) {
-                return steady(vec![Note {
-                    warning: true,
-                    reason: "MigrationSkipped",
-                    action: "Migrate".into(),
-                    message: format!(
-                        "route {}: workload {gone} is gone from the spec, so the new weights apply at once",
-                        route.name
-                    ),
-                }]);
-            }
             let step_weight = plan.steps[0];
             let started = Time(now);
             MigrationStatus {
@@ -273,9 +261,26 @@ pub fn advance(
             }
         }
     };
-    let began = current.is_none();
+    if let Some(gone) = state
+        .target
+        .keys()
+        .chain(state.baseline.keys())
+        .find(|w| !known(w))
+    {
+        // The target is the spec's, so only a workload that left the spec
+        // since the migration began: nothing to migrate from.
+        return steady(vec![Note {
+            warning: true,
+            reason: "MigrationSkipped",
+            action: "Migrate".into(),
+            message: format!(
+                "route {}: workload {gone} is gone from the spec; the new weights apply at once",
+                route.name
+            ),
+        }]);
+    }
     let mut notes = Vec::new();
-    if began {
+    if current.is_none() {
         notes.push(Note {
             warning: false,
             reason: "MigrationStarted",
@@ -289,29 +294,9 @@ pub fn advance(
             ),
         });
     }
-    if let Some(gone) = state
-        .target
-        .keys()
-        .chain(state.baseline.keys())
-        .find(|w| !known(w))
-    {
-        // Only a workload that is not a backend any more can be missing
-        // here (the target is the spec's): nothing to migrate from.
-        let message =
-            format!("workload {gone} is gone from the spec; the new weights apply at once");
-        return steady(vec![Note {
-            warning: true,
-            reason: "MigrationSkipped",
-            action: "Migrate".into(),
-            message: format!("route {}: {message}", route.name),
-        }]);
-    }
     let mut consumed = None;
     let mut recheck = None;
-    let ended = matches!(
-        state.phase,
-        MigrationPhase::Succeeded | MigrationPhase::RolledBack | MigrationPhase::Aborted
-    );
+    let ended = !running(state.phase);
     match command {
         Some(Command::Promote) if !ended => {
             consumed = Some(Command::Promote);
