@@ -85,25 +85,37 @@ impl Cluster for View {
         ))
     }
 
+    /// Workloads held by a migration's floor, and always-on workloads below
+    /// their minimum (a Function at zero whose mode became AlwaysOn: the
+    /// gateway answers 503 for it and sends no demand, so only a tick
+    /// raises it).
     fn held(&self) -> Vec<WorkloadRef> {
         let now = Timestamp::now();
-        self.apps
-            .state()
-            .iter()
-            .flat_map(|app| {
-                let (namespace, name) = (
-                    app.metadata.namespace.clone().unwrap_or_default(),
-                    app.metadata.name.clone().unwrap_or_default(),
-                );
-                crate::migration::floors(app, now)
-                    .into_keys()
-                    .map(move |workload| WorkloadRef {
-                        namespace: namespace.clone(),
-                        app: name.clone(),
-                        workload,
-                    })
-            })
-            .collect()
+        let mut held = Vec::new();
+        for app in self.apps.state() {
+            let namespace = app.metadata.namespace.clone().unwrap_or_default();
+            let name = app.metadata.name.clone().unwrap_or_default();
+            let key = |workload: &str| WorkloadRef {
+                namespace: namespace.clone(),
+                app: name.clone(),
+                workload: workload.to_string(),
+            };
+            let floors = crate::migration::floors(&app, now);
+            held.extend(floors.keys().map(|w| key(w)));
+            for workload in &app.spec.workloads {
+                let scaling = workload.scaling();
+                let ours = workload.mode == Mode::AlwaysOn && scaling.metric == Metric::Concurrency;
+                if ours
+                    && !floors.contains_key(&workload.name)
+                    && self
+                        .replicas(&key(&workload.name))
+                        .is_some_and(|r| r < scaling.min_replicas.max(1) as u32)
+                {
+                    held.push(key(&workload.name));
+                }
+            }
+        }
+        held
     }
 
     fn replicas(&self, key: &WorkloadRef) -> Option<u32> {

@@ -421,6 +421,7 @@ mod tests {
     struct Fake {
         policy: ScalingPolicy,
         replicas: RefCell<HashMap<WorkloadRef, u32>>,
+        held: Vec<WorkloadRef>,
     }
 
     impl Fake {
@@ -428,6 +429,7 @@ mod tests {
             Self {
                 policy: ScalingPolicy::defaults(0, 50, 1, target, Some(Duration::from_secs(60))),
                 replicas: RefCell::new(HashMap::from([(key("fn"), 0)])),
+                held: vec![],
             }
         }
 
@@ -456,6 +458,29 @@ mod tests {
         fn replicas(&self, workload: &WorkloadRef) -> Option<u32> {
             self.replicas.borrow().get(workload).copied()
         }
+
+        fn held(&self) -> Vec<WorkloadRef> {
+            self.held.clone()
+        }
+    }
+
+    #[test]
+    fn a_held_workload_no_gateway_reports_on_is_raised_to_its_minimum() {
+        // A migration's floor, or an always-on workload below its minimum
+        // (a Function at zero whose mode became AlwaysOn): no request will
+        // ever wake it, so the tick must.
+        let mut cluster = Fake::function(10);
+        cluster.policy.min_replicas = 2;
+        let mut state = ScalerState::default();
+        let now = STATS_INTERVAL * (SILENT_AFTER_INTERVALS + 1);
+        assert!(
+            state.tick(now, &cluster).writes.is_empty(),
+            "not ours to decide yet"
+        );
+        cluster.held = vec![key("fn")];
+        let writes = state.tick(now + TICK, &cluster).writes;
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!((writes[0].from, writes[0].to), (0, 2));
     }
 
     fn demand(gateway: &str, workload: &str, held: u64) -> Demand {

@@ -549,6 +549,13 @@ async fn set_mode(apps: &Api<HybridApp>, workload: &str, mode: tandem::api::Mode
     let mut workloads = apps.get("shop").await.unwrap().spec.workloads;
     for w in workloads.iter_mut().filter(|w| w.name == workload) {
         w.mode = mode;
+        if mode == tandem::api::Mode::AlwaysOn
+            && let Some(scaling) = w.scaling.as_mut()
+        {
+            // Function-only fields go, as the schema asks.
+            scaling.scale_to_zero_after = None;
+            scaling.keep_warm = None;
+        }
     }
     let patch = json!({"spec": {"workloads": workloads}});
     apps.patch("shop", &PatchParams::default(), &Patch::Merge(&patch))
@@ -740,4 +747,33 @@ fn follow_all(apps: Api<HybridApp>, stop: Arc<AtomicBool>) -> tokio::task::JoinH
         }
         seen
     })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_at_zero_made_always_on_gets_its_replica_without_a_request() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let setup = setup("flip-zero", json!({"steps": [100]}), json!([])).await;
+    let deployments: Api<Deployment> = setup.ns.api();
+    let replicas = || async {
+        deployments
+            .get("shop-fn")
+            .await
+            .map_err(|e| e.to_string())
+            .map(|d| d.spec.and_then(|s| s.replicas).unwrap_or(-1))
+    };
+    assert_eq!(replicas().await.unwrap(), 0, "the function starts at zero");
+    set_mode(&setup.apps, "fn", tandem::api::Mode::AlwaysOn).await;
+    wait_for(
+        "fn at its minimum of 1",
+        Duration::from_secs(30),
+        || async {
+            match replicas().await? {
+                n if n >= 1 => Ok(()),
+                n => Err(format!("{n} replicas")),
+            }
+        },
+    )
+    .await;
+    wait_for_mode(&setup.apps, "fn", tandem::api::Mode::AlwaysOn).await;
+    setup.operator.assert_never_forbidden();
 }
