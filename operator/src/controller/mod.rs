@@ -846,20 +846,16 @@ fn migrate(
         let command = crate::migration::Command::of(app, &route.name);
         let outcome =
             crate::migration::advance(route, &app.spec.workloads, before, command, &observed, now);
-        if outcome
-            .status
-            .migration
-            .as_ref()
-            .is_none_or(|m| !crate::migration::running(m.phase))
-        {
-            context.meter.close(namespace, &name, &route.name);
+        // Routes that never had a migration cost nothing more here.
+        if before.is_some_and(|b| b.migration.is_some()) || outcome.status.migration.is_some() {
+            let state = outcome.status.migration.as_ref();
+            if state.is_none_or(|m| !crate::migration::running(m.phase)) {
+                context.meter.close(namespace, &name, &route.name);
+            }
+            context
+                .metrics
+                .migration(namespace, &name, &route.name, state);
         }
-        context.metrics.migration(
-            namespace,
-            &name,
-            &route.name,
-            outcome.status.migration.as_ref(),
-        );
         if outcome.consumed.is_some_and(|c| c.one_shot()) {
             routes.consumed.push(route.name.clone());
         }

@@ -139,28 +139,22 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
         if last_stats.elapsed() >= STATS_INTERVAL {
             let interval = last_stats.elapsed();
             last_stats = Instant::now();
-            let workloads = gateway
-                .loads()
-                .into_iter()
-                .map(|(key, load)| WorkloadStats {
-                    workload: reference(&key),
+            let (mut workloads, mut routes) = (Vec::new(), Vec::new());
+            for (key, load) in gateway.loads() {
+                let workload = reference(&key);
+                for (route, meter) in load.routes.read().expect("routes lock").iter() {
+                    routes.extend(meter.report(workload.clone(), route));
+                }
+                let stats = WorkloadStats {
+                    workload,
                     in_flight: load.in_flight.load(Ordering::Relaxed),
                     held: load.held.load(Ordering::Relaxed),
                     requests: load.requests.swap(0, Ordering::Relaxed),
-                })
-                .filter(|w| w.in_flight > 0 || w.held > 0 || w.requests > 0)
-                .collect();
-            let routes = gateway
-                .loads()
-                .into_iter()
-                .flat_map(|(key, load)| {
-                    let workload = reference(&key);
-                    let meters = load.routes.read().expect("routes lock").clone();
-                    meters
-                        .into_iter()
-                        .filter_map(move |(route, meter)| meter.report(workload.clone(), &route))
-                })
-                .collect();
+                };
+                if stats.in_flight > 0 || stats.held > 0 || stats.requests > 0 {
+                    workloads.push(stats);
+                }
+            }
             let stats = Stats {
                 gateway: gateway.id.clone(),
                 interval_ms: interval.as_millis() as u64,

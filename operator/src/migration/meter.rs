@@ -22,6 +22,8 @@ use crate::protocol::{LATENCY_BUCKETS_MS, RouteStats, Stats};
 
 /// A route's series is forgotten after this long without a report.
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// How often series are looked at for forgetting.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// A gateway's recent concurrency counts for this long after its last report.
 const FRESH: Duration = Duration::from_secs(5);
 
@@ -208,6 +210,8 @@ struct Inner {
     series: HashMap<RouteKey, Series>,
     /// Open window per (namespace, app, route).
     windows: HashMap<(String, String, String), Window>,
+    /// When series were last looked at for forgetting.
+    pruned: Option<Instant>,
 }
 
 impl Meter {
@@ -259,12 +263,19 @@ impl Meter {
             from.seen = now;
             from.concurrency = 0.5 * from.concurrency + 0.5 * busy;
         }
-        inner.series.retain(|_, s| {
-            s.gateways
-                .retain(|_, g| now.duration_since(g.seen) < FORGET_AFTER);
-            s.seen
-                .is_some_and(|seen| now.duration_since(seen) < FORGET_AFTER)
-        });
+        // Forgetting is a scan of every series: once a minute, not per report.
+        if inner
+            .pruned
+            .is_none_or(|at| now.duration_since(at) >= PRUNE_EVERY)
+        {
+            inner.pruned = Some(now);
+            inner.series.retain(|_, s| {
+                s.gateways
+                    .retain(|_, g| now.duration_since(g.seen) < FORGET_AFTER);
+                s.seen
+                    .is_some_and(|seen| now.duration_since(seen) < FORGET_AFTER)
+            });
+        }
     }
 
     /// Figures of `workloads` on `route` since the window of `step` opened

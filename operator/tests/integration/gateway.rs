@@ -200,6 +200,31 @@ impl Gateway {
         Self::start_with(dir, dir.join("unused.yaml"), args, env).await
     }
 
+    /// A gateway for `namespace` under its own service account (the chart's
+    /// gateway RBAC), in a directory of its own named after `name`, sending
+    /// demand and stats to `operator`.
+    pub async fn for_operator(
+        name: &str,
+        namespace: &str,
+        operator: &crate::support::OperatorProcess,
+    ) -> Gateway {
+        let dir = testenv::environment()
+            .control_plane
+            .dir
+            .join(format!("{name}-{namespace}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig =
+            crate::support::account_kubeconfig(namespace, "tandem-gateway", "gateway-rbac.yaml")
+                .await;
+        Self::start_kubernetes(
+            &dir,
+            &kubeconfig,
+            namespace,
+            &[format!("--operator-url=http://{}", operator.autoscaler)],
+        )
+        .await
+    }
+
     async fn start_with(
         dir: &std::path::Path,
         config_path: PathBuf,

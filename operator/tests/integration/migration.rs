@@ -19,7 +19,7 @@ use testenv::{TestNamespace, environment, wait_for};
 use tokio::time::Instant;
 
 use crate::gateway::GatewayHandle;
-use crate::support::{OperatorProcess, account_kubeconfig, install_crd, operator_kubeconfig};
+use crate::support::{OperatorProcess, install_crd, operator_kubeconfig};
 
 /// A route `search` on `web` (AlwaysOn) at 100, `fn` (a Function at zero)
 /// at 0, with `migration`; `fn_env` goes into the function's container.
@@ -70,20 +70,7 @@ async fn setup_with(name: &str, migration: Value, fn_env: Value, operator_args: 
     apps.create(&PostParams::default(), &app(migration, fn_env))
         .await
         .unwrap();
-    let dir = environment()
-        .control_plane
-        .dir
-        .join(format!("migration-{}", ns.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gateway_kubeconfig =
-        account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
-    let gateway = GatewayHandle::start_kubernetes(
-        &dir,
-        &gateway_kubeconfig,
-        &ns.name,
-        &[format!("--operator-url=http://{}", operator.autoscaler)],
-    )
-    .await;
+    let gateway = GatewayHandle::for_operator("migration", &ns.name, &operator).await;
     wait_for(
         "web to answer through the gateway",
         Duration::from_secs(90),
@@ -198,10 +185,15 @@ fn load(
     })
 }
 
-/// The route's migration as the API server has it: (phase, applied,
-/// effective weight of fn), or `None` before one starts.
-async fn migration_state(apps: &Api<HybridApp>) -> Option<(MigrationPhase, i32, i32)> {
-    let app = apps.get("shop").await.ok()?;
+/// The route's migration as the API server has it: when it began, its
+/// phase, the applied share and fn's effective weight.
+type Seen = (String, MigrationPhase, i32, i32);
+
+async fn seen(apps: &Api<HybridApp>) -> Option<Seen> {
+    seen_in(apps.get("shop").await.ok()?)
+}
+
+fn seen_in(app: HybridApp) -> Option<Seen> {
     let route = app
         .status?
         .routes
@@ -209,30 +201,84 @@ async fn migration_state(apps: &Api<HybridApp>) -> Option<(MigrationPhase, i32, 
         .find(|r| r.name == "search")?;
     let fn_weight = route.weights.get("fn").copied().unwrap_or(0);
     let m = route.migration?;
-    Some((m.phase, m.applied, fn_weight))
+    Some((m.started.0.to_string(), m.phase, m.applied, fn_weight))
 }
 
-/// Records every change of the migration's state with the time it was seen,
-/// until `stop`.
-fn follow(
-    apps: Api<HybridApp>,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<Vec<(Instant, MigrationPhase, i32, i32)>> {
+/// (phase, applied, effective weight of fn), or `None` before a migration.
+async fn migration_state(apps: &Api<HybridApp>) -> Option<(MigrationPhase, i32, i32)> {
+    seen(apps)
+        .await
+        .map(|(_, phase, applied, weight)| (phase, applied, weight))
+}
+
+/// The migration as seen at each change of its start, phase or applied share.
+type History = Vec<(Instant, Option<Seen>)>;
+
+/// Records every change of the migration with the time it was seen, until
+/// `stop` (at most 15 minutes).
+fn follow(apps: Api<HybridApp>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<History> {
     tokio::spawn(async move {
-        let mut seen: Vec<(Instant, MigrationPhase, i32, i32)> = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut history: History = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let key = |s: &Option<Seen>| s.as_ref().map(|(t, p, a, _)| (t.clone(), *p, *a));
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if let Some((phase, applied, weight)) = migration_state(&apps).await
-                && seen
+            // A failed read is no news; a read without a migration is.
+            if let Ok(app) = apps.get("shop").await {
+                let now = seen_in(app);
+                if history
                     .last()
-                    .is_none_or(|(_, p, a, _)| (*p, *a) != (phase, applied))
-            {
-                seen.push((Instant::now(), phase, applied, weight));
+                    .is_none_or(|(_, last)| key(last) != key(&now))
+                {
+                    history.push((Instant::now(), now));
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        seen
+        history
     })
+}
+
+/// Steady load from `clients` connections while the route's weights change
+/// from 100/0 to 0/100, until the migration is in `phase` and `after` more.
+/// Returns the answers and each state the migration went through (time
+/// seen, phase, applied share, fn's effective weight).
+async fn migrate_under_load(
+    setup: &Setup,
+    clients: usize,
+    phase: MigrationPhase,
+    timeout: Duration,
+    after: Duration,
+) -> (Vec<Answer>, Vec<(Instant, MigrationPhase, i32, i32)>) {
+    let apps = &setup.apps;
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(&setup.gateway, clients, 400_000, stop.clone());
+    let history = follow(apps.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    set_weights(apps, 0, 100).await;
+    wait_for(
+        &format!("the migration to be {phase:?}"),
+        timeout,
+        || async {
+            match migration_state(apps).await {
+                Some((now, ..)) if now == phase => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(after).await;
+    stop.store(true, Ordering::Relaxed);
+    let answers = traffic.await.unwrap();
+    let states: Vec<_> = history
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|(at, seen)| {
+            seen.map(|(_, phase, applied, weight)| (at, phase, applied, weight))
+        })
+        .collect();
+    eprintln!("states: {states:?}");
+    (answers, states)
 }
 
 async fn condition(apps: &Api<HybridApp>, type_: &str) -> Option<(String, String, String)> {
@@ -280,27 +326,14 @@ async fn a_healthy_migration_walks_its_steps_with_the_traffic_it_says() {
     )
     .await;
     let apps = setup.apps.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = load(&setup.gateway, 8, 400_000, stop.clone());
-    let states = follow(apps.clone(), stop.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    set_weights(&apps, 0, 100).await;
-    wait_for(
-        "the migration to succeed",
+    let (answers, states) = migrate_under_load(
+        &setup,
+        8,
+        MigrationPhase::Succeeded,
         Duration::from_secs(120),
-        || async {
-            match migration_state(&apps).await {
-                Some((MigrationPhase::Succeeded, ..)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
+        Duration::from_secs(2),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let answers = traffic.await.unwrap();
-    let states = states.await.unwrap();
-    eprintln!("states: {states:?}");
 
     let failed: Vec<&Answer> = answers.iter().filter(|a| a.status != 200).collect();
     assert!(
@@ -401,24 +434,15 @@ async fn a_destination_that_fails_is_rolled_back_at_its_first_gate() {
     )
     .await;
     let apps = setup.apps.clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = load(&setup.gateway, 4, 400_000, stop.clone());
-    let states = follow(apps.clone(), stop.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    set_weights(&apps, 0, 100).await;
-    wait_for("the rollback", Duration::from_secs(90), || async {
-        match migration_state(&apps).await {
-            Some((MigrationPhase::RolledBack, ..)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
+    // Traffic goes on for a while at the baseline after the rollback.
+    let (answers, states) = migrate_under_load(
+        &setup,
+        4,
+        MigrationPhase::RolledBack,
+        Duration::from_secs(90),
+        Duration::from_secs(3),
+    )
     .await;
-    // Traffic goes on for a while at the baseline.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    let answers = traffic.await.unwrap();
-    let states = states.await.unwrap();
-    eprintln!("states: {states:?}");
 
     let started = states
         .iter()
@@ -639,7 +663,7 @@ async fn migrations_survive_20_sigkills_of_the_operator_at_random_points() {
     let apps = setup.apps.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(&setup.gateway, 4, 1_000_000, stop.clone());
-    let states = follow_all(apps.clone(), stop.clone());
+    let states = follow(apps.clone(), stop.clone());
     let mut kills = 0;
     let mut targets = vec![];
     let mut restarts = 1;
@@ -704,7 +728,7 @@ async fn migrations_survive_20_sigkills_of_the_operator_at_random_points() {
     let mut began = false;
     for (_, seen) in &history {
         match seen {
-            Some((started, _, applied)) => {
+            Some((started, _, applied, _)) => {
                 began = true;
                 by_start.entry(started.clone()).or_default().push(*applied);
             }
@@ -722,31 +746,6 @@ async fn migrations_survive_20_sigkills_of_the_operator_at_random_points() {
     let failed = answers.iter().filter(|a| a.status != 200).count();
     assert_eq!(failed, 0, "{failed} of {} requests failed", answers.len());
     setup.operator.assert_never_forbidden();
-}
-
-/// A migration's start, phase and applied share, as seen at a time.
-type History = Vec<(Instant, Option<(String, MigrationPhase, i32)>)>;
-
-/// Every change of (migration start, phase, applied) with the time seen.
-fn follow_all(apps: Api<HybridApp>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<History> {
-    tokio::spawn(async move {
-        let mut seen: History = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(900);
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if let Ok(app) = apps.get("shop").await {
-                let now = app
-                    .status
-                    .and_then(|s| s.routes.into_iter().find(|r| r.name == "search"))
-                    .and_then(|r| r.migration)
-                    .map(|m| (m.started.0.to_string(), m.phase, m.applied));
-                if seen.last().is_none_or(|(_, last)| *last != now) {
-                    seen.push((Instant::now(), now));
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        seen
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

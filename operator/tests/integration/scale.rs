@@ -16,7 +16,7 @@ use tandem::api::{HybridApp, WorkloadState};
 use testenv::{TestNamespace, environment, wait_for};
 
 use crate::gateway::GatewayHandle;
-use crate::support::{OperatorProcess, account_kubeconfig, install_crd, operator_kubeconfig};
+use crate::support::{OperatorProcess, install_crd, operator_kubeconfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_wakes_from_zero_loses_no_request_and_goes_back_to_zero() {
@@ -267,20 +267,7 @@ async fn function_behind_a_gateway(
     .unwrap();
     let apps: Api<HybridApp> = ns.api();
     apps.create(&PostParams::default(), &app).await.unwrap();
-    let dir = environment()
-        .control_plane
-        .dir
-        .join(format!("{name}-{}", ns.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    let gateway_kubeconfig =
-        account_kubeconfig(&ns.name, "tandem-gateway", "gateway-rbac.yaml").await;
-    let gateway = GatewayHandle::start_kubernetes(
-        &dir,
-        &gateway_kubeconfig,
-        &ns.name,
-        &[format!("--operator-url=http://{}", operator.autoscaler)],
-    )
-    .await;
+    let gateway = GatewayHandle::for_operator(name, &ns.name, &operator).await;
     (operator, gateway)
 }
 
