@@ -123,16 +123,45 @@ async fn direct(client: &kube::Client, ns: &str, n: usize) -> Result<Duration> {
                 let created = apps
                     .create(&PostParams::default(), &app(&format!("app{i:04}")))
                     .await?;
-                for child in children::build(&created) {
+                // The same objects the operator writes: a gateway port for
+                // each workload reached through the gateways, no gateway live.
+                let placement = children::Placement {
+                    gateways: Vec::new(),
+                    ports: created
+                        .spec
+                        .workloads
+                        .iter()
+                        .enumerate()
+                        .map(|(j, w)| (w.name.clone(), 20000 + ((i * 16 + j) % 10000) as u16))
+                        .collect(),
+                };
+                for child in children::build(&created, &placement) {
                     let mut deployment = child.deployment.clone();
                     deployment["spec"]["replicas"] = json!(child.initial_replicas);
                     let params = PatchParams::apply("bench-direct").force();
                     Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns)
                         .patch(&child.name, &params, &Patch::Apply(&deployment))
                         .await?;
-                    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns)
+                    let services =
+                        Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns);
+                    services
                         .patch(&child.name, &params, &Patch::Apply(&child.service))
                         .await?;
+                    services
+                        .patch(
+                            &child.private_name,
+                            &params,
+                            &Patch::Apply(&child.private_service),
+                        )
+                        .await?;
+                    let slices = Api::<k8s_openapi::api::discovery::v1::EndpointSlice>::namespaced(
+                        client.clone(),
+                        ns,
+                    );
+                    for slice in &child.endpoint_slices {
+                        let name = slice["metadata"]["name"].as_str().unwrap_or_default();
+                        slices.patch(name, &params, &Patch::Apply(slice)).await?;
+                    }
                 }
                 anyhow::Ok(())
             }

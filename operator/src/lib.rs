@@ -7,6 +7,7 @@ pub mod admin;
 pub mod api;
 pub mod autoscaler;
 pub mod controller;
+pub mod fleet;
 pub mod gateway;
 pub mod leader;
 pub mod migration;

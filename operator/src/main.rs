@@ -36,9 +36,6 @@ enum Command {
     /// Serves /healthz, /readyz (ready once the watches have synced) and
     /// /metrics on --admin-address. SIGTERM stops it gracefully.
     Operator(tandem::operator::OperatorArgs),
-    /// Run the data plane: the HTTP gateway that routes, splits and holds
-    /// requests for HybridApps.
-    ///
     /// Run the data plane: the HTTP gateway that routes by host and path,
     /// splits by weight, and holds requests while a function starts.
     ///
@@ -46,7 +43,7 @@ enum Command {
     /// EndpointSlices) or, with --static-config, from a file. Serves
     /// /healthz, /readyz and /metrics on --admin-address. SIGTERM stops
     /// accepting and lets in-flight requests finish within --shutdown-grace.
-    Gateway(tandem::gateway::GatewayArgs),
+    Gateway(Box<tandem::gateway::GatewayArgs>),
 }
 
 fn main() -> Result<()> {
@@ -61,7 +58,7 @@ fn main() -> Result<()> {
         }
         Command::Gateway(args) => {
             tandem::telemetry::init(args.log_format);
-            tokio::runtime::Runtime::new()?.block_on(tandem::gateway::run(args))
+            tokio::runtime::Runtime::new()?.block_on(tandem::gateway::run(*args))
         }
     }
 }

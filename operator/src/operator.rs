@@ -48,6 +48,12 @@ pub struct OperatorArgs {
     #[arg(long, env = "TANDEM_RESYNC", default_value = "10m", value_parser = parse_duration)]
     pub resync: Duration,
 
+    /// Ports of the gateway pods that the operator hands out, one per
+    /// workload reached through the gateways (`FIRST-LAST`): the public
+    /// Service's EndpointSlices point at the gateways on it.
+    #[arg(long, env = "TANDEM_GATEWAY_PORTS", default_value = "20000-29999", value_parser = parse_port_range)]
+    pub gateway_ports: std::ops::RangeInclusive<u16>,
+
     /// Elect a leader on a Lease so that several replicas can run: only the
     /// leader writes, the others wait to take over.
     #[arg(long, env = "TANDEM_LEADER_ELECTION", default_value_t = true, action = ArgAction::Set)]
@@ -76,6 +82,25 @@ pub struct OperatorArgs {
 /// Parses a Kubernetes-style duration flag (`15s`, `5m`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     KubeDuration::parse(text)?.to_std()
+}
+
+/// Parses a port range flag (`20000-29999`).
+pub fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text}: expected FIRST-LAST, e.g. 20000-29999"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{text}: {p} is not a port (1-65535)"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!("{text}: the first port is above the last"));
+    }
+    Ok(first..=last)
 }
 
 /// Runs the operator until SIGTERM or SIGINT.
@@ -153,17 +178,23 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         concurrency: args.max_concurrent_reconciles.max(1),
         resync: args.resync,
         namespace: args.watch_namespace.clone(),
+        gateway_ports: args.gateway_ports.clone(),
     };
     let _ = lead_tx.send(());
     let autoscaler_listener = standby.await.context("standby autoscaler endpoint")?;
     // What the gateways measure per route: fed by the autoscaler endpoint,
     // read by the reconciler's migration gates.
     let meter = Arc::new(crate::migration::Meter::default());
+    // The live gateways: fed by the same endpoint, read by the reconciler
+    // for the EndpointSlices of public Services.
+    let fleet = Arc::new(crate::fleet::Fleet::default());
+    tokio::spawn(crate::fleet::expire_silent(Arc::downgrade(&fleet)));
     let mut autoscaler = tokio::spawn(crate::autoscaler::run::run(
         client.clone(),
         autoscaler_listener,
         args.watch_namespace.clone(),
         meter.clone(),
+        fleet.clone(),
     ));
     let ready = admin_state.clone();
     let controller = controller::run(
@@ -171,6 +202,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         metrics,
         settings,
         meter,
+        fleet,
         move || ready.set_ready(true, "leading, watches synced"),
         stopped(),
     );

@@ -17,6 +17,10 @@
 //!   ([`RouteStats`]), counters since the gateway made them: requests,
 //!   5xx answers, a histogram of response times and one of cold waits.
 //!
+//! Stats also say where the gateway serves workload ports (`address`) and
+//! whether it is draining: the operator keeps the live gateways in the
+//! EndpointSlices of public Services from them ([`crate::fleet`]).
+//!
 //! Messages are idempotent snapshots (no deltas except `requests`), so a lost
 //! or duplicated message never corrupts the receiver's view. Route counters
 //! only grow while their `series` stays the same: the receiver takes the
@@ -108,7 +112,7 @@ pub struct RouteStats {
 }
 
 /// A gateway's periodic report.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Stats {
     /// The reporting gateway replica.
     pub gateway: String,
@@ -119,6 +123,14 @@ pub struct Stats {
     /// Routes with a migration whose counters changed since the last report.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteStats>,
+    /// Where this gateway serves workload ports (the address the operator
+    /// lists in the EndpointSlices of public Services that point at the
+    /// gateways); none when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::IpAddr>,
+    /// The gateway is shutting down: take it out of those EndpointSlices.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// The bucket of [`LATENCY_BUCKETS_MS`] that `ms` falls in.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Writes go.mod for the wrapper module that builds kube-apiserver,
-# kube-controller-manager and etcd from upstream Go modules.
+# kube-controller-manager, kube-proxy and etcd from upstream Go modules.
 #
 # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them
 # with ./staging paths, which a dependent module does not inherit. We read
@@ -39,6 +39,7 @@ staging_modules=$(awk '$2 == "=>" && $3 ~ /^\.\/staging\// { print $1 }' "$k8s_g
   echo "tool ("
   echo "	k8s.io/kubernetes/cmd/kube-apiserver"
   echo "	k8s.io/kubernetes/cmd/kube-controller-manager"
+  echo "	k8s.io/kubernetes/cmd/kube-proxy"
   echo "	go.etcd.io/etcd/server/v3"
   echo ")"
   echo

@@ -11,7 +11,7 @@ pub fn go_module_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("controlplane")
 }
 
-/// Paths of the three binaries of one pinned release.
+/// Paths of the binaries of one pinned release.
 #[derive(Debug, Clone)]
 pub struct Binaries {
     /// Directory holding the binaries.
@@ -38,6 +38,10 @@ impl Binaries {
     /// `kube-controller-manager`.
     pub fn kube_controller_manager(&self) -> PathBuf {
         self.dir.join("kube-controller-manager")
+    }
+    /// `kube-proxy`.
+    pub fn kube_proxy(&self) -> PathBuf {
+        self.dir.join("kube-proxy")
     }
 
     /// Returns the cached binaries, building them first if needed.
@@ -72,7 +76,7 @@ impl Binaries {
         lock.lock().context("lock the control-plane cache")?;
         if !binaries.complete() {
             eprintln!(
-                "testenv: building kube-apiserver, kube-controller-manager and etcd {} from Go modules into {} (first run only; takes several minutes on 2 cores)",
+                "testenv: building kube-apiserver, kube-controller-manager, kube-proxy and etcd {} from Go modules into {} (first run only; takes several minutes on 2 cores)",
                 binaries.kubernetes_version,
                 dir.display()
             );
@@ -108,6 +112,7 @@ impl Binaries {
                 self.etcd(),
                 self.kube_apiserver(),
                 self.kube_controller_manager(),
+                self.kube_proxy(),
             ]
             .iter()
             .all(|p| p.exists())

@@ -213,6 +213,51 @@ impl ControlPlane {
         Ok(control_plane)
     }
 
+    /// Starts kube-proxy (iptables mode) in the pod network namespace, so a
+    /// call from a pod to a Service's cluster IP reaches its endpoints as on
+    /// a node; waits until it has written its rules. Call it once the
+    /// process kubelet has registered `node` (kube-proxy takes the node's
+    /// addresses at start, and exits when they change).
+    pub async fn start_kube_proxy(&mut self, node: &str) -> Result<()> {
+        if run("sh", &["-c", "command -v iptables-restore"]).is_err() {
+            bail!(
+                "kube-proxy needs iptables (iptables-restore); install the Debian package `iptables` (.ci/run does)"
+            );
+        }
+        self.network.route_services(SERVICE_CIDR)?;
+        let kubeconfig = self.kubeconfig.clone();
+        let log = self.dir.join("logs").join("kube-proxy.log");
+        let mut spec = ProcessSpec::new(
+            path_str(&self.binaries.kube_proxy()),
+            &[
+                &format!("--kubeconfig={}", kubeconfig.display()),
+                "--proxy-mode=iptables",
+                &format!("--hostname-override={node}"),
+                &format!("--cluster-cidr={}", self.network.cidr()),
+                // The namespace's conntrack table is the host's: leave its
+                // sysctls alone.
+                "--conntrack-max-per-core=0",
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+                "--v=1",
+            ],
+            &log,
+        );
+        spec.netns = Some(self.network.namespace());
+        self.spawn("kube-proxy", spec)?;
+        let ns = self.network.namespace();
+        self.poll("kube-proxy", || {
+            let ns = ns.clone();
+            async move {
+                Ok(
+                    run("ip", &["netns", "exec", &ns, "iptables", "-t", "nat", "-S"])
+                        .is_ok_and(|rules| rules.contains("KUBE-SERVICES")),
+                )
+            }
+        })
+        .await
+    }
+
     fn spawn(&mut self, name: &'static str, spec: ProcessSpec) -> Result<()> {
         let child = spawn(spec).with_context(|| format!("start {name}"))?;
         self.processes.push((name, child));

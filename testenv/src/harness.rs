@@ -99,7 +99,7 @@ fn start_environment() -> Result<Environment> {
     let echo = echo_program()?;
     let (control_plane, kubelet) = runtime.block_on(async {
         let options = OPTIONS.get().cloned().unwrap_or_default();
-        let control_plane = ControlPlane::start_with(options).await?;
+        let mut control_plane = ControlPlane::start_with(options).await?;
         // The kubelet's own log, for when a test needs to know why a pod
         // did not become ready.
         if let Ok(file) = std::fs::File::create(control_plane.dir.join("logs").join("kubelet.log"))
@@ -111,6 +111,9 @@ fn start_environment() -> Result<Environment> {
                 .try_init();
         }
         let kubelet = ProcessKubelet::start(&control_plane, KubeletConfig::new(echo)).await?;
+        // Like a node: Service cluster IPs work from the pod network.
+        let node = kubelet.node_name().to_string();
+        control_plane.start_kube_proxy(&node).await?;
         anyhow::Ok((control_plane, kubelet))
     })?;
     let kubeconfig = std::fs::read_to_string(&control_plane.kubeconfig)?;

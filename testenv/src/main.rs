@@ -102,8 +102,10 @@ async fn up(
             program,
         });
     }
-    let control_plane = ControlPlane::start().await?;
+    let mut control_plane = ControlPlane::start().await?;
     let kubelet = ProcessKubelet::start(&control_plane, config).await?;
+    let node = kubelet.node_name().to_string();
+    control_plane.start_kube_proxy(&node).await?;
     if gateway_api {
         let names = testenv::gateway_api::install(&control_plane.client().await?).await?;
         eprintln!(

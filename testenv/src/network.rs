@@ -155,6 +155,29 @@ impl PodNetwork {
         Ok(())
     }
 
+    /// Routes the Service range `cidr` from the pods (as a node's default
+    /// route would) so that kube-proxy's rules can rewrite a call to a
+    /// cluster IP, and refuses whatever call its rules did not rewrite, so
+    /// such a packet never leaves the namespace for the host's network.
+    pub fn route_services(&self, cidr: &str) -> Result<()> {
+        let ns = self.namespace();
+        let anchor = self.anchor_ip().to_string();
+        run(
+            "ip",
+            &[
+                "-n", &ns, "route", "replace", cidr, "dev", "eth0", "src", &anchor,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns", "exec", &ns, "iptables", "-A", "OUTPUT", "-d", cidr, "-p", "all", "-j",
+                "REJECT",
+            ],
+        )
+        .map(drop)
+    }
+
     /// Gives a pod its address inside the namespace.
     pub fn add_pod_ip(&self, ip: Ipv4Addr) -> Result<()> {
         run(

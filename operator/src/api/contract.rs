@@ -19,6 +19,23 @@ pub fn child_name(app: &str, workload: &str) -> String {
     format!("{app}-{workload}")
 }
 
+/// Name of the headless Service that selects the pods of `workload` in
+/// `app` (the gateways read its EndpointSlices): `<app>-<workload>-private`,
+/// or, where that is longer than a DNS label, the first part of the child
+/// name cut short and a fingerprint of the whole.
+pub fn private_name(app: &str, workload: &str) -> String {
+    const SUFFIX: &str = "-private";
+    let child = child_name(app, workload);
+    if child.len() + SUFFIX.len() <= 63 {
+        return format!("{child}{SUFFIX}");
+    }
+    let hash = child.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    }) as u32;
+    // 46 + 1 + 8 + 8 = 63; the name is ASCII, so any cut is a char boundary.
+    format!("{}-{hash:08x}{SUFFIX}", &child[..46])
+}
+
 /// Reduces an object's managed fields to what Tandem reads of them: the
 /// Apply entries of [`MANAGER`], each cut down to whether it owns
 /// `spec.replicas` (the reconciler's hand-over check). Caches keep objects
@@ -91,6 +108,18 @@ pub async fn apply_scale(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_names_are_dns_labels_and_distinct_when_cut_short() {
+        assert_eq!(private_name("shop", "thumbs"), "shop-thumbs-private");
+        let app = "a".repeat(32);
+        let long = private_name(&app, &"b".repeat(30));
+        let other = private_name(&app, &format!("{}c", "b".repeat(29)));
+        assert_eq!(long.len(), 63);
+        assert_eq!(other.len(), 63);
+        assert_ne!(long, other);
+        assert!(long.ends_with("-private") && long.starts_with(&app));
+    }
 
     #[test]
     fn slimmed_managed_fields_keep_only_tandems_apply_and_its_hold_on_replicas() {

@@ -15,6 +15,21 @@ pub const APP: &str = "tandem.dev/app";
 pub const WORKLOAD: &str = "tandem.dev/workload";
 /// `function` or `always-on`.
 pub const MODE: &str = "tandem.dev/mode";
+/// On Services (and so on their EndpointSlices): `public` for the
+/// workload's own Service `<app>-<workload>`, which callers use, `private`
+/// for the headless one that selects its pods, which the gateways use.
+pub const SERVICE: &str = "tandem.dev/service";
+/// [`SERVICE`] of the Service callers use.
+pub const PUBLIC: &str = "public";
+/// [`SERVICE`] of the Service that selects the pods.
+pub const PRIVATE: &str = "private";
+/// The EndpointSlice label naming the Service a slice belongs to.
+pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The EndpointSlice label naming who writes a slice.
+pub const SLICE_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
+/// [`SLICE_MANAGED_BY`] of the slices Tandem writes for a public Service
+/// that points at the gateways.
+pub const SLICE_MANAGER: &str = "tandem.dev";
 
 /// Label selector for every object Tandem manages.
 pub fn managed_selector() -> String {
@@ -45,6 +60,13 @@ pub fn workload(app: &str, workload: &str, mode: Mode) -> Value {
         WORKLOAD: workload,
         MODE: mode_value(mode),
     })
+}
+
+/// Labels of a workload's Service of one [`SERVICE`] kind.
+pub fn service(app: &str, workload: &str, mode: Mode, kind: &str) -> Value {
+    let mut labels = self::workload(app, workload, mode);
+    labels[SERVICE] = Value::String(kind.into());
+    labels
 }
 
 /// The [`MODE`] label value.

@@ -289,6 +289,14 @@ impl Workload {
         Scaling::resolve(self.scaling.as_ref(), self.mode)
     }
 
+    /// Whether callers of its public Service reach it through the gateways:
+    /// a Function (held and woken from zero), or anything Tandem's
+    /// autoscaler scales on the concurrency the gateways measure. An
+    /// AlwaysOn workload scaled on CPU is reached directly.
+    pub fn through_gateway(&self) -> bool {
+        self.mode == Mode::Function || self.scaling().metric == Metric::Concurrency
+    }
+
     /// The gateway's deadline for one request, including a cold start.
     pub fn request_timeout(&self) -> std::time::Duration {
         self.request_timeout

@@ -141,6 +141,7 @@ pub async fn run(
     listener: TcpListener,
     namespace: Option<String>,
     meter: Arc<crate::migration::Meter>,
+    fleet: Arc<crate::fleet::Fleet>,
 ) {
     let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
     let mut server = tokio::spawn(serve(listener, tx));
@@ -181,6 +182,7 @@ pub async fn run(
                     }
                     Message::Stats(stats) => {
                         meter.record(&stats);
+                        fleet.record(&stats, tokio::time::Instant::now());
                         state.on_stats(now(), &stats, &view);
                     }
                 }

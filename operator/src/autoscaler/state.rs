@@ -504,7 +504,7 @@ mod tests {
                     requests: 0,
                 })
                 .collect(),
-            routes: vec![],
+            ..Default::default()
         }
     }
 

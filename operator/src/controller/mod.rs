@@ -8,6 +8,7 @@
 
 pub mod children;
 pub mod metrics;
+pub mod ports;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,6 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -48,6 +50,9 @@ pub enum Error {
     /// The object lacks a namespace or name (never for a real HybridApp).
     #[error("object without {0}")]
     MissingField(&'static str),
+    /// Every gateway port of the operator's range is handed out.
+    #[error("no free gateway port for {0} (every port of --gateway-ports is taken)")]
+    NoGatewayPort(String),
 }
 
 impl Error {
@@ -59,6 +64,7 @@ impl Error {
             Error::Kube(kube::Error::Api(status)) if status.code == 409 => "conflict",
             Error::Kube(_) => "api",
             Error::MissingField(_) => "missing_field",
+            Error::NoGatewayPort(_) => "no_gateway_port",
         }
     }
 }
@@ -72,6 +78,8 @@ pub struct ControllerSettings {
     pub resync: Duration,
     /// Only this namespace (all when `None`).
     pub namespace: Option<String>,
+    /// Ports of the gateway pods handed out to workloads (see [`ports`]).
+    pub gateway_ports: std::ops::RangeInclusive<u16>,
 }
 
 /// Shared by every reconcile.
@@ -87,6 +95,13 @@ pub struct Context {
     deployments: Store<Deployment>,
     services: Store<Service>,
     hpas: Store<HorizontalPodAutoscaler>,
+    /// The EndpointSlices Tandem writes (of public Services that point at
+    /// the gateways).
+    slices: Store<EndpointSlice>,
+    /// The live gateways.
+    fleet: Arc<crate::fleet::Fleet>,
+    /// Gateway ports of workloads.
+    ports: ports::Ports,
     /// Set once every watch has listed its objects.
     synced: Arc<std::sync::atomic::AtomicBool>,
     /// Deployments this process created, as the API server returned them,
@@ -96,6 +111,8 @@ pub struct Context {
     /// shows them (so a reconcile that comes before the watch event does not
     /// apply them again).
     applied_services: Recent<Arc<serde_json::Value>>,
+    /// EndpointSlices this process applied, likewise.
+    applied_slices: Recent<Arc<serde_json::Value>>,
     /// Statuses this process wrote, with the resourceVersion of the app they
     /// were computed from: while the cache still shows that version, the
     /// write is not visible yet and must not be made again.
@@ -229,6 +246,7 @@ pub async fn run(
     metrics: ControllerMetrics,
     settings: ControllerSettings,
     meter: Arc<crate::migration::Meter>,
+    fleet: Arc<crate::fleet::Fleet>,
     on_synced: impl FnOnce() + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -241,8 +259,24 @@ pub async fn run(
     let deployments =
         spawn_child_cache::<Deployment>(&client, namespace, &managed, owners_tx.clone());
     let services = spawn_child_cache::<Service>(&client, namespace, &managed, owners_tx.clone());
-    let hpas =
-        spawn_child_cache::<HorizontalPodAutoscaler>(&client, namespace, &managed, owners_tx);
+    let hpas = spawn_child_cache::<HorizontalPodAutoscaler>(
+        &client,
+        namespace,
+        &managed,
+        owners_tx.clone(),
+    );
+    let ours = watcher::Config::default().labels(&format!(
+        "{},{}={}",
+        labels::managed_selector(),
+        labels::SLICE_MANAGED_BY,
+        labels::SLICE_MANAGER
+    ));
+    let slices = spawn_child_cache::<EndpointSlice>(&client, namespace, &ours, owners_tx);
+    // When gateways come or go, every app's public Services follow.
+    let gateways_changed = futures::stream::unfold(fleet.subscribe(), |mut rx| async move {
+        rx.changed().await.ok().map(|()| ((), rx))
+    });
+    let gateway_ports = ports::Ports::new(settings.gateway_ports.clone());
     let owner_events = futures::stream::unfold(owners_rx, |mut rx| async move {
         rx.recv().await.map(|owner| (owner, rx))
     });
@@ -268,7 +302,8 @@ pub async fn run(
     .applied_objects();
     let controller = Controller::for_stream(app_events, apps.clone())
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
-        .reconcile_on(owner_events);
+        .reconcile_on(owner_events)
+        .reconcile_all_on(gateways_changed);
     let context = Arc::new(Context {
         recorder,
         client,
@@ -277,8 +312,12 @@ pub async fn run(
         deployments: deployments.clone(),
         services: services.clone(),
         hpas: hpas.clone(),
+        slices: slices.clone(),
+        ports: gateway_ports,
+        fleet,
         created: Default::default(),
         applied_services: Default::default(),
+        applied_slices: Default::default(),
         written_status: Default::default(),
         swept: Default::default(),
         meter,
@@ -293,6 +332,7 @@ pub async fn run(
                 && listed(&deployments).await
                 && listed(&services).await
                 && listed(&hpas).await
+                && listed(&slices).await
             {
                 break;
             }
@@ -396,7 +436,8 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
     }
 
     // Build.
-    let wanted = children::build(app);
+    let placement = place(app, context, &namespace, &name)?;
+    let wanted = children::build(app, &placement);
 
     // Apply, one workload after the other: the API server serialises much
     // of a Service's creation, so writing a reconcile's Services side by side
@@ -444,6 +485,43 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
     Ok(Action::requeue(
         recheck.map_or(context.settings.resync, |r| r.min(context.settings.resync)),
     ))
+}
+
+/// Where the gateways are and the gateway port of each workload reached
+/// through them.
+fn place(
+    app: &HybridApp,
+    context: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<children::Placement, Error> {
+    let mut ports = BTreeMap::new();
+    let through: Vec<_> = app
+        .spec
+        .workloads
+        .iter()
+        .filter(|w| w.through_gateway())
+        .collect();
+    if !through.is_empty() {
+        let services = context.services.state();
+        for workload in through {
+            let child = contract::child_name(name, &workload.name);
+            let port = context
+                .ports
+                .port_of(
+                    namespace,
+                    &child,
+                    services.iter().map(|s| &**s),
+                    Instant::now(),
+                )
+                .ok_or_else(|| Error::NoGatewayPort(format!("{namespace}/{child}")))?;
+            ports.insert(workload.name.clone(), port);
+        }
+    }
+    Ok(children::Placement {
+        gateways: context.fleet.addresses().to_vec(),
+        ports,
+    })
 }
 
 /// Checks the rules the CRD schema cannot express.
@@ -550,25 +628,16 @@ async fn apply_workload(
         }
     }
 
-    let up_to_date = match context.services.get(&ObjectRef::new(&name).within(&ns)) {
-        Some(live) => {
-            context.applied_services.forget(&ns, &name);
-            children::up_to_date(&child.service, &comparable(&*live))
-        }
-        None => context
-            .applied_services
-            .get(&ns, &name)
-            .is_some_and(|applied| *applied == child.service),
-    };
-    if !up_to_date {
-        services
-            .patch(&name, &apply_params(), &Patch::Apply(&child.service))
-            .await?;
-        context.metrics.write("service");
-        context
-            .applied_services
-            .remember(&ns, &name, Arc::new(child.service.clone()));
-    }
+    apply_service(context, &services, &ns, &name, &child.service).await?;
+    apply_service(
+        context,
+        &services,
+        &ns,
+        &child.private_name,
+        &child.private_service,
+    )
+    .await?;
+    apply_slices(context, &ns, child).await?;
 
     let live_hpa = context.hpas.get(&ObjectRef::new(&name).within(&ns));
     match (&child.hpa, live_hpa) {
@@ -588,6 +657,101 @@ async fn apply_workload(
         _ => {}
     }
     Ok(event)
+}
+
+/// Applies a Service unless the cache (or this process's last write, while
+/// the cache does not show it yet) already has it as wanted.
+async fn apply_service(
+    context: &Context,
+    services: &Api<Service>,
+    namespace: &str,
+    name: &str,
+    desired: &Value,
+) -> Result<(), Error> {
+    let known = (&context.services, &context.applied_services);
+    apply_known(
+        context, services, known, "service", namespace, name, desired,
+    )
+    .await
+}
+
+/// Applies `desired` under `name` unless `store` (or `applied`, this
+/// process's last write, while the store does not show it yet) already
+/// has it as wanted; counts the write under `kind`.
+async fn apply_known<K>(
+    context: &Context,
+    api: &Api<K>,
+    (store, applied): (&Store<K>, &Recent<Arc<Value>>),
+    kind: &'static str,
+    namespace: &str,
+    name: &str,
+    desired: &Value,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let up_to_date = match store.get(&ObjectRef::new(name).within(namespace)) {
+        Some(live) => {
+            applied.forget(namespace, name);
+            children::up_to_date(desired, &comparable(&*live))
+        }
+        None => applied
+            .get(namespace, name)
+            .is_some_and(|last| *last == *desired),
+    };
+    if !up_to_date {
+        api.patch(name, &apply_params(), &Patch::Apply(desired))
+            .await?;
+        context.metrics.write(kind);
+        applied.remember(namespace, name, Arc::new(desired.clone()));
+    }
+    Ok(())
+}
+
+/// Applies the EndpointSlices of a public Service that points at the
+/// gateways, and deletes those it no longer has (no gateway of a family
+/// left, or callers now reach the pods directly).
+async fn apply_slices(
+    context: &Context,
+    namespace: &str,
+    child: &WorkloadChildren,
+) -> Result<(), Error> {
+    let api: Api<EndpointSlice> = Api::namespaced(context.client.clone(), namespace);
+    let known = (&context.slices, &context.applied_slices);
+    for desired in &child.endpoint_slices {
+        let name = desired["metadata"]["name"].as_str().unwrap_or_default();
+        apply_known(
+            context,
+            &api,
+            known,
+            "endpointslice",
+            namespace,
+            name,
+            desired,
+        )
+        .await?;
+    }
+    for name in children::slice_names(&child.name) {
+        let wanted = child
+            .endpoint_slices
+            .iter()
+            .any(|s| s["metadata"]["name"] == name.as_str());
+        let present = context
+            .slices
+            .get(&ObjectRef::new(&name).within(namespace))
+            .is_some()
+            || context.applied_slices.get(namespace, &name).is_some();
+        if !wanted && present {
+            delete_ignoring_missing(&api, &name).await?;
+            context.applied_slices.forget(namespace, &name);
+            context.metrics.write("endpointslice");
+        }
+    }
+    Ok(())
 }
 
 /// Creates the Deployment with its initial replicas. Tandem owns `replicas`
@@ -647,7 +811,14 @@ async fn remove_unwanted(
     name: &str,
     wanted: &[WorkloadChildren],
 ) -> Result<Vec<(&'static str, String)>, Error> {
-    let keep: BTreeSet<&str> = wanted.iter().map(|c| c.name.as_str()).collect();
+    let keep: BTreeSet<String> = wanted
+        .iter()
+        .flat_map(|c| {
+            [c.name.clone(), c.private_name.clone()]
+                .into_iter()
+                .chain(children::slice_names(&c.name))
+        })
+        .collect();
     let uid = app.metadata.uid.as_deref();
     let orphan = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         meta.namespace.as_deref() == Some(namespace)
@@ -688,6 +859,16 @@ async fn remove_unwanted(
             )
             .await?;
             context.metrics.write("service");
+        }
+    }
+    for slice in context.slices.state() {
+        if orphan(&slice.metadata) {
+            delete_ignoring_missing(
+                &Api::<EndpointSlice>::namespaced(context.client.clone(), namespace),
+                &slice.name_any(),
+            )
+            .await?;
+            context.metrics.write("endpointslice");
         }
     }
     for hpa in context.hpas.state() {

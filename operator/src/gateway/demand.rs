@@ -119,6 +119,7 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
     connector.set_connect_timeout(Some(Duration::from_millis(500)));
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let mut last_stats = Instant::now();
+    let mut told_draining = false;
     loop {
         tokio::select! {
             _ = gateway.demand.notified() => {}
@@ -136,7 +137,9 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
                 post_all(&client, &targets, DEMAND_PATH, &demand).await;
             }
         }
-        if last_stats.elapsed() >= STATS_INTERVAL {
+        let draining = gateway.draining.load(Ordering::Relaxed);
+        if last_stats.elapsed() >= STATS_INTERVAL || (draining && !told_draining) {
+            told_draining = draining;
             let interval = last_stats.elapsed();
             last_stats = Instant::now();
             let (mut workloads, mut routes) = (Vec::new(), Vec::new());
@@ -160,6 +163,8 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
                 interval_ms: interval.as_millis() as u64,
                 workloads,
                 routes,
+                address: gateway.advertise,
+                draining,
             };
             post_all(&client, &targets, STATS_PATH, &stats).await;
         }

@@ -182,6 +182,7 @@ pub async fn serve(
     pool: Arc<Pool>,
     io: Rewind,
     peer: SocketAddr,
+    entry: lifecycle::Entry,
     mut stop: watch::Receiver<bool>,
 ) {
     let settings = &gateway.settings;
@@ -205,7 +206,7 @@ pub async fn serve(
             async move {
                 activity.open.fetch_add(1, Ordering::Relaxed);
                 let _stream = Stream(&activity);
-                Ok::<_, Infallible>(handle(gateway, pool, request, peer).await)
+                Ok::<_, Infallible>(handle(gateway, pool, request, peer, entry).await)
             }
         })
     };
@@ -245,6 +246,7 @@ async fn handle(
     pool: Arc<Pool>,
     request: http::Request<Incoming>,
     peer: SocketAddr,
+    entry: lifecycle::Entry,
 ) -> http::Response<ResponseBody> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
@@ -301,6 +303,7 @@ async fn handle(
     };
     let resolved = match lifecycle::resolve(
         &gateway,
+        entry,
         host,
         parts.uri.path(),
         parts.method.as_str(),

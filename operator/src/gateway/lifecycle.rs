@@ -243,26 +243,44 @@ pub(super) struct Resolved {
     pub(super) load: Arc<WorkloadLoad>,
 }
 
+/// Where a connection came in: which requests it may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// The main listener: requests are routed by host, path and headers.
+    Routes,
+    /// A workload's gateway port: every request is that workload's.
+    Port(u16),
+}
+
 /// **Resolve**: the route, workload and counters for a request, or why
 /// there is none.
 pub(super) fn resolve(
     gateway: &Gateway,
+    entry: Entry,
     host: Option<&str>,
     path: &str,
     method: &str,
     headers: &(impl HeaderLookup + ?Sized),
 ) -> Result<Resolved, ProxyError> {
     let table = gateway.tables.borrow();
-    let Some(route) = table.route(host, path, method, headers) else {
+    let found = match entry {
+        Entry::Routes => table.route(host, path, method, headers),
+        Entry::Port(port) => table.port_route(port),
+    };
+    let Some(route) = found else {
         gateway.metrics.request_without_route();
+        let message = match entry {
+            Entry::Routes => format!(
+                "no route for host {} and path {path}",
+                host.unwrap_or("(none)")
+            ),
+            Entry::Port(port) => format!("no workload has gateway port {port} any more"),
+        };
         return Err(ProxyError::new(
             StatusCode::NOT_FOUND,
             Origin::Client,
             Kind::NoRoute,
-            format!(
-                "no route for host {} and path {path}",
-                host.unwrap_or("(none)")
-            ),
+            message,
         ));
     };
     let Some(key) = pick_weighted(&route.backends, route.rolls.next(route.total_weight)) else {

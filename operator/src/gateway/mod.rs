@@ -39,6 +39,7 @@ use crate::admin::{self, AdminState};
 use crate::operator::{parse_duration, shutdown_signal};
 use crate::telemetry::LogFormat;
 use forwarding::Cidr;
+pub use lifecycle::Entry;
 use state::{Gateway, Settings};
 use table::RoutingTable;
 
@@ -163,6 +164,19 @@ pub struct GatewayArgs {
     #[arg(long, env = "TANDEM_TRUST_FORWARDED_FROM", value_delimiter = ',')]
     pub trust_forwarded_from: Vec<Cidr>,
 
+    /// This replica's address for workload ports (default: POD_IP): it is
+    /// told to the operator, which lists it in the EndpointSlices of public
+    /// Services that point at the gateways, and the gateway serves each such
+    /// workload on its own port of this address. Without it, the gateway
+    /// serves routes only.
+    #[arg(long, env = "TANDEM_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<std::net::IpAddr>,
+
+    /// The cluster's DNS domain, for the host names of public Services
+    /// (`name.namespace.svc.<domain>`).
+    #[arg(long, env = "TANDEM_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
     /// On SIGTERM, in-flight requests get this long to finish.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -234,6 +248,7 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             tokio::spawn(source::run_kubernetes(
                 client,
                 args.namespaces.clone(),
+                args.cluster_domain.clone(),
                 tables_tx,
                 on_ready,
             ));
@@ -245,15 +260,24 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         .clone()
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| format!("gateway-{}", std::process::id()));
-    let gateway = Arc::new(Gateway::new(args.settings(), tables, metrics, id));
+    let mut gateway = Gateway::new(args.settings(), tables, metrics, id);
+    gateway.advertise = args
+        .advertise_address
+        .or_else(|| std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok()));
+    let gateway = Arc::new(gateway);
     tokio::spawn(demand::run(gateway.clone(), targets));
     tokio::spawn(gateway.clone().prune_on_change());
 
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, admin = %args.admin_address, "gateway listening");
-    serve(listener, gateway, args.shutdown_grace, shutdown_signal()).await;
+    tracing::info!(address = %listener.local_addr()?, admin = %args.admin_address, workload_ports_on = ?gateway.advertise, "gateway listening");
+    let draining = gateway.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        draining.drain();
+    };
+    serve(listener, gateway, args.shutdown_grace, shutdown).await;
     admin_state.set_ready(false, "shutting down");
     Ok(())
 }
@@ -267,6 +291,9 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
 /// `max_connections` open ones, a new connection is answered 503 at once.
 /// On `shutdown` the threads stop taking connections, let in-flight requests
 /// finish within `grace`, then close idle connections.
+///
+/// With an advertised address, the workload ports of the routing table are
+/// served too (see [`port_listeners`]).
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
@@ -302,17 +329,22 @@ pub async fn serve(
     // Refusals are written by a bounded number of tasks; beyond that a
     // connection is closed without an answer.
     let refusing = Arc::new(Semaphore::new(256));
+    let (ports_tx, mut ports_rx) = mpsc::channel(1024);
+    let ports = gateway
+        .advertise
+        .map(|address| tokio::spawn(port_listeners(address, gateway.tables.clone(), ports_tx)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, entry) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok((stream, peer)) => (stream, peer, Entry::Routes),
                 Err(error) => {
                     tracing::warn!(%error, "accept");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
+            Some(accepted) = ports_rx.recv() => accepted,
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
@@ -339,12 +371,15 @@ pub async fn serve(
             .expect("at least one worker");
         open.fetch_add(1, Ordering::Relaxed);
         gateway.metrics.connections().inc();
-        if connections.send((stream, peer)).is_err() {
+        if connections.send((stream, peer, entry)).is_err() {
             open.fetch_sub(1, Ordering::Relaxed);
             gateway.metrics.connections().dec();
         }
     }
     drop(listener);
+    if let Some(ports) = ports {
+        ports.abort();
+    }
     let _ = stop_tx.send(true);
     let threads: Vec<_> = workers.into_iter().map(|(_, _, thread)| thread).collect();
     let _ = tokio::task::spawn_blocking(move || {
@@ -381,6 +416,82 @@ async fn refuse(mut stream: TcpStream) {
     }
 }
 
+/// A connection the acceptor hands a serving thread.
+type Handed = (std::net::TcpStream, SocketAddr, Entry);
+
+/// Keeps a listener on `address` for each workload port of the routing
+/// table (binding new ones as they appear, closing those that left) and
+/// hands their connections to `accepted`. A port that cannot be bound is
+/// retried every second. Ends when the acceptor is gone (or is aborted).
+async fn port_listeners(
+    address: std::net::IpAddr,
+    mut tables: watch::Receiver<Arc<RoutingTable>>,
+    accepted: mpsc::Sender<(TcpStream, SocketAddr, Entry)>,
+) {
+    let mut open: std::collections::BTreeMap<u16, tokio::task::JoinHandle<()>> = Default::default();
+    let mut refused = std::collections::BTreeSet::new();
+    loop {
+        let wanted = tables.borrow_and_update().ports();
+        open.retain(|port, task| {
+            let keep = wanted.binary_search(port).is_ok();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        let mut failing = false;
+        for port in wanted {
+            if open.contains_key(&port) {
+                continue;
+            }
+            let at = SocketAddr::new(address, port);
+            match TcpListener::bind(at).await {
+                Ok(listener) => {
+                    refused.remove(&port);
+                    tracing::info!(address = %at, "serving a workload port");
+                    let accepted = accepted.clone();
+                    open.insert(
+                        port,
+                        tokio::spawn(async move {
+                            loop {
+                                match listener.accept().await {
+                                    Ok((stream, peer)) => {
+                                        if accepted
+                                            .send((stream, peer, Entry::Port(port)))
+                                            .await
+                                            .is_err()
+                                        {
+                                            return;
+                                        }
+                                    }
+                                    Err(error) => {
+                                        tracing::warn!(%error, port, "accept");
+                                        tokio::time::sleep(Duration::from_millis(10)).await;
+                                    }
+                                }
+                            }
+                        }),
+                    );
+                }
+                Err(error) => {
+                    failing = true;
+                    if refused.insert(port) {
+                        tracing::warn!(address = %at, %error, "cannot serve a workload port; retrying every second");
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            changed = tables.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if failing => {}
+            _ = accepted.closed() => break,
+        }
+    }
+    for (_, task) in open {
+        task.abort();
+    }
+}
+
 /// One serving thread: takes the connections the acceptor hands it.
 struct Worker {
     gateway: Arc<Gateway>,
@@ -391,7 +502,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, mut incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>) {
+    async fn run(self, mut incoming: mpsc::UnboundedReceiver<Handed>) {
         let Worker {
             gateway,
             grace,
@@ -404,7 +515,7 @@ impl Worker {
         // shared one would touch memory of the other threads per request.
         let (stop_here, stopped) = watch::channel(false);
         loop {
-            let (stream, peer) = tokio::select! {
+            let (stream, peer, entry) = tokio::select! {
                 next = incoming.recv() => match next {
                     Some(next) => next,
                     None => break,
@@ -415,7 +526,7 @@ impl Worker {
                 (gateway.clone(), pool.clone(), stopped.clone(), open.clone());
             tokio::spawn(async move {
                 if let Ok(stream) = TcpStream::from_std(stream) {
-                    connection(gateway.clone(), pool, stream, peer, stop).await;
+                    connection(gateway.clone(), pool, stream, peer, entry, stop).await;
                 }
                 open.fetch_sub(1, Ordering::Relaxed);
                 gateway.metrics.connections().dec();
@@ -472,6 +583,7 @@ pub async fn connection(
     pool: Arc<h1::pool::Pool>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    entry: Entry,
     stop: watch::Receiver<bool>,
 ) {
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -488,10 +600,11 @@ pub async fn connection(
             pool,
             h2::Rewind::new(buf.freeze(), stream),
             peer,
+            entry,
             stop,
         )
         .await;
     } else {
-        h1::serve(&gateway, &pool, stream, buf, peer, stop).await;
+        h1::serve(&gateway, &pool, stream, buf, peer, entry, stop).await;
     }
 }

@@ -19,7 +19,7 @@ use kube::runtime::watcher;
 use serde::Deserialize;
 use tokio::sync::{Notify, watch};
 
-use super::table::{RoutingTable, WorkloadKey};
+use super::table::{RoutingTable, ServiceAccess, WorkloadKey};
 use crate::api::{HybridApp, labels};
 
 /// Ready endpoints of one workload, as written in a static config.
@@ -109,6 +109,7 @@ pub async fn run_static(
 pub async fn run_kubernetes(
     client: kube::Client,
     namespaces: Vec<String>,
+    cluster_domain: String,
     tables: watch::Sender<Arc<RoutingTable>>,
     on_synced: impl FnOnce() + Send,
 ) {
@@ -164,9 +165,14 @@ pub async fn run_kubernetes(
             .map(|a| (*a).clone())
             .collect();
         let slices: Vec<Arc<EndpointSlice>> = slice_stores.iter().flat_map(|s| s.state()).collect();
-        tables.send_replace(Arc::new(RoutingTable::build(
+        let access = ServiceAccess {
+            cluster_domain: cluster_domain.clone(),
+            ports: gateway_ports(&slices),
+        };
+        tables.send_replace(Arc::new(RoutingTable::build_with(
             &apps,
             &ready_endpoints(&slices),
+            &access,
         )));
         if let Some(done) = on_synced.take() {
             tracing::info!(apps = apps.len(), "watches synced; routing table built");
@@ -194,32 +200,55 @@ where
     })
 }
 
-/// Ready endpoints per workload from EndpointSlices labelled by Tandem.
+/// The workload a slice labelled by Tandem belongs to, its [`labels::SERVICE`]
+/// kind, and its `http` port.
+fn slice_of(slice: &EndpointSlice) -> Option<(WorkloadKey, &str, u16)> {
+    let labels = slice.metadata.labels.as_ref()?;
+    let key = WorkloadKey {
+        namespace: slice.metadata.namespace.clone()?,
+        app: labels.get(labels::APP)?.clone(),
+        workload: labels.get(labels::WORKLOAD)?.clone(),
+    };
+    let kind = labels.get(labels::SERVICE)?;
+    let port = slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("http"))
+        .and_then(|p| p.port)
+        .and_then(|p| u16::try_from(p).ok())?;
+    Some((key, kind, port))
+}
+
+/// The gateway port of each workload, from the slices Tandem writes for
+/// public Services that point at the gateways.
+pub fn gateway_ports(slices: &[Arc<EndpointSlice>]) -> HashMap<WorkloadKey, u16> {
+    slices
+        .iter()
+        .filter(|s| {
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(labels::SLICE_MANAGED_BY))
+                .is_some_and(|m| m == labels::SLICE_MANAGER)
+        })
+        .filter_map(|s| slice_of(s))
+        .filter(|(_, kind, _)| *kind == labels::PUBLIC)
+        .map(|(key, _, port)| (key, port))
+        .collect()
+}
+
+/// Ready endpoints per workload from the EndpointSlices of Tandem's
+/// private Services (those that select the pods).
 pub fn ready_endpoints(slices: &[Arc<EndpointSlice>]) -> HashMap<WorkloadKey, Vec<SocketAddr>> {
     let mut endpoints: HashMap<WorkloadKey, Vec<SocketAddr>> = HashMap::new();
     for slice in slices {
-        let labels = slice.metadata.labels.clone().unwrap_or_default();
-        let (Some(app), Some(workload), Some(namespace)) = (
-            labels.get(labels::APP),
-            labels.get(labels::WORKLOAD),
-            slice.metadata.namespace.clone(),
-        ) else {
+        let Some((key, kind, port)) = slice_of(slice) else {
             continue;
         };
-        let port = slice
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some("http"))
-            .and_then(|p| p.port);
-        let Some(port) = port.and_then(|p| u16::try_from(p).ok()) else {
+        if kind != labels::PRIVATE {
             continue;
-        };
-        let key = WorkloadKey {
-            namespace,
-            app: app.clone(),
-            workload: workload.clone(),
-        };
+        }
         let entry = endpoints.entry(key).or_default();
         for endpoint in slice.endpoints.iter().flatten() {
             // Unknown readiness counts as ready, as the API documents.

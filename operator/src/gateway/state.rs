@@ -140,6 +140,11 @@ pub struct Gateway {
     pub settings: Settings,
     /// This replica's name in protocol messages.
     pub id: String,
+    /// Where this replica serves workload ports (told to the operator).
+    pub advertise: Option<std::net::IpAddr>,
+    /// Set on shutdown; told to the operator, which takes this replica out
+    /// of the public Services' endpoints.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
@@ -158,7 +163,16 @@ impl Gateway {
             metrics,
             settings,
             id,
+            advertise: None,
+            draining: Default::default(),
         }
+    }
+
+    /// Marks this replica as shutting down and has the operator told now.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.demand.notify_one();
     }
 
     /// The routing table in force.

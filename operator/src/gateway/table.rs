@@ -7,6 +7,14 @@
 //! `/api` matches `/api` and `/api/x`, never `/apiary`), then routes with more
 //! header conditions, then routes that restrict methods. The first route in
 //! that order whose methods and headers match wins.
+//!
+//! Besides its routes, every workload whose public Service points at the
+//! gateways is reachable as itself: by that Service's in-cluster host names
+//! (`name.ns`, `name.ns.svc`, `name.ns.svc.<cluster domain>`, and the bare
+//! `name` where no other namespace has it), which come after the hosts that
+//! apps list and before apps that take any host; and by its gateway port,
+//! where every request is that workload's whatever its host (see
+//! [`RoutingTable::port_route`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -171,12 +179,43 @@ pub struct RoutingTable {
     by_host: FastMap<String, Vec<Arc<CompiledRoute>>>,
     any_host: Vec<Arc<CompiledRoute>>,
     workloads: FastMap<WorkloadKey, Arc<WorkloadTarget>>,
+    /// A workload's own route, by the host names of its public Service.
+    by_service_host: FastMap<String, Arc<CompiledRoute>>,
+    /// A workload's own route, by its gateway port.
+    by_port: FastMap<u16, Arc<CompiledRoute>>,
+}
+
+/// How workloads are reached as themselves (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct ServiceAccess {
+    /// The cluster's DNS domain (`cluster.local`).
+    pub cluster_domain: String,
+    /// The gateway port of each workload whose public Service points at
+    /// the gateways, from its EndpointSlices.
+    pub ports: HashMap<WorkloadKey, u16>,
+}
+
+/// Route name of a workload reached as itself through its Service.
+pub fn service_route_name(service: &str) -> String {
+    format!("service:{service}")
 }
 
 impl RoutingTable {
     /// Builds a table from apps and the ready endpoints of each workload.
     pub fn build(apps: &[HybridApp], endpoints: &HashMap<WorkloadKey, Vec<SocketAddr>>) -> Self {
+        Self::build_with(apps, endpoints, &ServiceAccess::default())
+    }
+
+    /// Builds a table from apps, the ready endpoints of each workload, and
+    /// how workloads are reached through their Services.
+    pub fn build_with(
+        apps: &[HybridApp],
+        endpoints: &HashMap<WorkloadKey, Vec<SocketAddr>>,
+        access: &ServiceAccess,
+    ) -> Self {
         let mut table = RoutingTable::default();
+        let mut service_hosts: BTreeMap<String, Vec<Arc<CompiledRoute>>> = BTreeMap::new();
+        let mut ports: BTreeMap<u16, Vec<(WorkloadKey, Arc<CompiledRoute>)>> = BTreeMap::new();
         let mut any_host = Vec::new();
         let mut by_host: BTreeMap<String, Vec<Arc<CompiledRoute>>> = BTreeMap::new();
         for app in apps {
@@ -194,15 +233,53 @@ impl RoutingTable {
                 let mut ready = endpoints.get(&key).cloned().unwrap_or_default();
                 ready.sort();
                 ready.dedup();
+                let port = access.ports.get(&key).copied();
                 table.workloads.insert(
                     key.clone(),
                     Arc::new(WorkloadTarget {
-                        key,
+                        key: key.clone(),
                         mode: workload.mode,
                         request_timeout: workload.request_timeout(),
                         endpoints: ready,
                     }),
                 );
+                if !workload.through_gateway() && port.is_none() {
+                    continue;
+                }
+                let service = crate::api::contract::child_name(&name, &workload.name);
+                let own = Arc::new(CompiledRoute {
+                    namespace: namespace.clone(),
+                    app: name.clone(),
+                    name: service_route_name(&service),
+                    host_specific: true,
+                    path: PathMatch::Prefix("/".into()),
+                    methods: Vec::new(),
+                    headers: Vec::new(),
+                    backends: vec![(key.clone(), 1)],
+                    total_weight: 1,
+                    measured: false,
+                    rolls: Default::default(),
+                });
+                if workload.through_gateway() {
+                    let qualified = format!("{service}.{namespace}");
+                    let mut names = vec![
+                        service.clone(),
+                        qualified.clone(),
+                        format!("{qualified}.svc"),
+                    ];
+                    if !access.cluster_domain.is_empty() {
+                        names.push(format!(
+                            "{qualified}.svc.{}",
+                            access.cluster_domain.to_ascii_lowercase()
+                        ));
+                    }
+                    for host in names {
+                        service_hosts.entry(host).or_default().push(own.clone());
+                    }
+                }
+                if let Some(port) = port {
+                    ports.entry(port).or_default().push((key, own));
+                }
             }
             let host_specific = !app.spec.hosts.is_empty();
             for route in &app.spec.routes {
@@ -272,7 +349,36 @@ impl RoutingTable {
             table.by_host.insert(host, routes);
         }
         table.any_host = any_host;
+        // A bare Service name in two namespaces names neither.
+        table.by_service_host = service_hosts
+            .into_iter()
+            .filter(|(_, routes)| routes.len() == 1)
+            .filter_map(|(host, mut routes)| Some((host, routes.pop()?)))
+            .collect();
+        // Two workloads claiming one port (never from the operator, which
+        // hands each its own): the first by name keeps it.
+        for (port, mut claims) in ports {
+            claims.sort_by(|a, b| a.0.cmp(&b.0));
+            if claims.len() > 1 {
+                tracing::warn!(port, workloads = ?claims.iter().map(|c| c.0.to_string()).collect::<Vec<_>>(), "several workloads claim one gateway port; the first keeps it");
+            }
+            if let Some((_, route)) = claims.into_iter().next() {
+                table.by_port.insert(port, route);
+            }
+        }
         table
+    }
+
+    /// The route of the workload whose gateway port is `port`.
+    pub fn port_route(&self, port: u16) -> Option<&Arc<CompiledRoute>> {
+        self.by_port.get(&port)
+    }
+
+    /// The gateway ports of the workloads, sorted.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.by_port.keys().copied().collect();
+        ports.sort_unstable();
+        ports
     }
 
     /// The best route for a request, if any.
@@ -283,10 +389,17 @@ impl RoutingTable {
         method: &str,
         headers: &(impl HeaderLookup + ?Sized),
     ) -> Option<&Arc<CompiledRoute>> {
-        let candidates = host
-            .map(normalize_host)
-            .and_then(|h| self.by_host.get(h.as_ref()))
-            .unwrap_or(&self.any_host);
+        let host = host.map(normalize_host);
+        let candidates = match host.as_deref() {
+            Some(h) => match self.by_host.get(h) {
+                Some(routes) => routes,
+                None => match self.by_service_host.get(h) {
+                    Some(own) => return Some(own),
+                    None => &self.any_host,
+                },
+            },
+            None => &self.any_host,
+        };
         candidates
             .iter()
             .find(|r| r.path.matches(path) && r.accepts(method, headers))
@@ -411,6 +524,57 @@ mod tests {
             ],
             &HashMap::new(),
         )
+    }
+
+    #[test]
+    fn workloads_are_reached_by_their_service_names_and_gateway_ports() {
+        let routes = json!([{"name": "api", "match": {"pathPrefix": "/api"}, "backends": [{"workload": "a"}]}]);
+        let key = |namespace: &str| WorkloadKey {
+            namespace: namespace.into(),
+            app: "shop".into(),
+            workload: "b".into(),
+        };
+        let access = ServiceAccess {
+            cluster_domain: "Cluster.Local".into(),
+            ports: [(key("ns"), 20001), (key("gone"), 20002)].into(),
+        };
+        let t = RoutingTable::build_with(
+            &[
+                app("ns", "shop", &["shop.example.com"], routes.clone()),
+                app("prod", "shop", &[], routes),
+            ],
+            &HashMap::new(),
+            &access,
+        );
+        for host in [
+            "shop-b.ns",
+            "shop-b.ns.svc",
+            "SHOP-B.ns.svc.cluster.local:80",
+        ] {
+            assert_eq!(
+                route(&t, Some(host), "/anything", "DELETE", &[]),
+                Some("service:shop-b"),
+                "{host}"
+            );
+        }
+        // The bare name is in two namespaces: it names neither, and the
+        // any-host app of prod takes the request like any unknown host.
+        assert_eq!(route(&t, Some("shop-b"), "/x", "GET", &[]), None);
+        assert_eq!(route(&t, Some("shop-b"), "/api", "GET", &[]), Some("api"));
+        assert_eq!(
+            route(&t, Some("shop-b.prod"), "/api", "GET", &[]),
+            Some("service:shop-b")
+        );
+        // A listed host keeps its routes.
+        assert_eq!(route(&t, Some("shop.example.com"), "/x", "GET", &[]), None);
+
+        // The gateway port: that workload, whatever the request; a port of
+        // a workload the table does not have is not served.
+        let own = t.port_route(20001).expect("port 20001");
+        assert_eq!(own.backends, vec![(key("ns"), 1)]);
+        assert!(own.path.matches("/whatever"));
+        assert!(t.port_route(20002).is_none());
+        assert_eq!(t.ports(), vec![20001]);
     }
 
     #[test]

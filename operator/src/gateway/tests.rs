@@ -111,7 +111,14 @@ impl Harness {
         tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
                 let (gateway, pool, stop) = (serving.clone(), pool.clone(), stop.clone());
-                tokio::spawn(super::connection(gateway, pool, stream, peer, stop));
+                tokio::spawn(super::connection(
+                    gateway,
+                    pool,
+                    stream,
+                    peer,
+                    super::lifecycle::Entry::Routes,
+                    stop,
+                ));
             }
         });
         Harness {

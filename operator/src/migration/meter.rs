@@ -387,6 +387,7 @@ mod tests {
                 cold_waits: 0,
                 cold_wait: vec![],
             }],
+            ..Default::default()
         }
     }
 

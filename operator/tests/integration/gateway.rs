@@ -208,6 +208,16 @@ impl Gateway {
         namespace: &str,
         operator: &crate::support::OperatorProcess,
     ) -> Gateway {
+        Self::for_operator_with(name, namespace, operator, &[]).await
+    }
+
+    /// [`Gateway::for_operator`] with more flags.
+    pub async fn for_operator_with(
+        name: &str,
+        namespace: &str,
+        operator: &crate::support::OperatorProcess,
+        extra: &[String],
+    ) -> Gateway {
         let dir = testenv::environment()
             .control_plane
             .dir
@@ -216,13 +226,9 @@ impl Gateway {
         let kubeconfig =
             crate::support::account_kubeconfig(namespace, "tandem-gateway", "gateway-rbac.yaml")
                 .await;
-        Self::start_kubernetes(
-            &dir,
-            &kubeconfig,
-            namespace,
-            &[format!("--operator-url=http://{}", operator.autoscaler)],
-        )
-        .await
+        let mut args = vec![format!("--operator-url=http://{}", operator.autoscaler)];
+        args.extend(extra.iter().cloned());
+        Self::start_kubernetes(&dir, &kubeconfig, namespace, &args).await
     }
 
     async fn start_with(

@@ -7,4 +7,5 @@ mod gateway;
 mod migration;
 mod operator;
 mod scale;
+mod services;
 mod support;

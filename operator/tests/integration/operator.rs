@@ -137,7 +137,28 @@ async fn reconciles_children_through_create_update_remove_and_delete() {
         "a Function starts at zero"
     );
     assert_eq!(names(&deployments).await, ["shop-fn", "shop-web"]);
-    assert_eq!(names(&services).await, ["shop-fn", "shop-web"]);
+    assert_eq!(
+        names(&services).await,
+        ["shop-fn", "shop-fn-private", "shop-web", "shop-web-private"]
+    );
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = ns.api();
+    let ours = ListParams::default().labels("endpointslice.kubernetes.io/managed-by=tandem.dev");
+    let slice_names = || async {
+        let mut names: Vec<String> = slices
+            .list(&ours)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.name_any())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        slice_names().await,
+        ["shop-fn-gateways", "shop-web-gateways"],
+        "both are reached through the gateways (concurrency-scaled)"
+    );
     let web = deployments.get("shop-web").await.unwrap();
     assert_eq!(web.spec.as_ref().unwrap().replicas, Some(1));
     let owner = &web.metadata.owner_references.as_ref().unwrap()[0];
@@ -200,10 +221,12 @@ async fn reconciles_children_through_create_update_remove_and_delete() {
     .unwrap();
     wait_for("the fn children to be deleted", WAIT, || async {
         let (d, s) = (names(&deployments).await, names(&services).await);
-        if d == ["shop-web"] && s == ["shop-web"] {
+        let e = slice_names().await;
+        if d == ["shop-web"] && s == ["shop-web", "shop-web-private"] && e == ["shop-web-gateways"]
+        {
             Ok(())
         } else {
-            Err(format!("deployments {d:?}, services {s:?}"))
+            Err(format!("deployments {d:?}, services {s:?}, slices {e:?}"))
         }
     })
     .await;
@@ -387,6 +410,11 @@ async fn steady_state_writes_nothing() {
         add(&mut all, ns.api::<Service>()).await;
         add(
             &mut all,
+            ns.api::<k8s_openapi::api::discovery::v1::EndpointSlice>(),
+        )
+        .await;
+        add(
+            &mut all,
             ns.api::<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler>(),
         )
         .await;
@@ -475,7 +503,14 @@ async fn converges_after_sigkill_in_the_middle_of_20_apps() {
                 })
                 .map(|a| a.name_any())
                 .collect();
-            if d == expected && s == expected && behind.is_empty() {
+            let public: Vec<String> = s
+                .iter()
+                .filter(|n| !n.ends_with("-private"))
+                .cloned()
+                .collect();
+            let private = s.len() - public.len();
+            if d == expected && public == expected && private == expected.len() && behind.is_empty()
+            {
                 Ok(())
             } else {
                 Err(format!(

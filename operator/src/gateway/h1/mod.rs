@@ -63,6 +63,7 @@ pub async fn serve(
     mut client: TcpStream,
     mut buf: BytesMut,
     peer: SocketAddr,
+    entry: lifecycle::Entry,
     mut stop: watch::Receiver<bool>,
 ) {
     let settings = &gateway.settings;
@@ -95,6 +96,7 @@ pub async fn serve(
                     |input| {
                         lifecycle::resolve(
                             gateway,
+                            entry,
                             input.host,
                             input.path,
                             input.method,
