@@ -17,9 +17,12 @@
 //!   ([`RouteStats`]), counters since the gateway made them: requests,
 //!   5xx answers, a histogram of response times and one of cold waits.
 //!
-//! Stats also say where the gateway serves workload ports (`address`) and
-//! whether it is draining: the operator keeps the live gateways in the
-//! EndpointSlices of public Services from them ([`crate::fleet`]).
+//! Stats also say where the gateway serves workload ports (`address`),
+//! whether it is draining, and which HybridApp generations its routing
+//! table serves (`programmed`): the operator keeps the live gateways in the
+//! EndpointSlices of public Services, and says whether an app is routable,
+//! from them ([`crate::fleet`]). A gateway reports at once when its table
+//! changes, so an app is routable within moments of being programmed.
 //!
 //! Messages are idempotent snapshots (no deltas except `requests`), so a lost
 //! or duplicated message never corrupts the receiver's view. Route counters
@@ -111,6 +114,17 @@ pub struct RouteStats {
     pub cold_wait: Vec<u64>,
 }
 
+/// A HybridApp generation a gateway's routing table holds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Programmed {
+    /// Namespace of the HybridApp.
+    pub namespace: String,
+    /// HybridApp name.
+    pub app: String,
+    /// Its `metadata.generation` in the table.
+    pub generation: i64,
+}
+
 /// A gateway's periodic report.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Stats {
@@ -131,6 +145,11 @@ pub struct Stats {
     /// The gateway is shutting down: take it out of those EndpointSlices.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// Every HybridApp its routing table serves, with the generation: the
+    /// operator's `RoutesProgrammed` condition is true once every live
+    /// gateway serves the current one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programmed: Vec<Programmed>,
 }
 
 /// The bucket of [`LATENCY_BUCKETS_MS`] that `ms` falls in.

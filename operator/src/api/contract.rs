@@ -76,6 +76,8 @@ pub mod condition {
     /// Every route is at its spec's weights (no migration under way, rolled
     /// back or stalled).
     pub const MIGRATED: &str = "Migrated";
+    /// Every live gateway serves the current generation of the app.
+    pub const ROUTES_PROGRAMMED: &str = "RoutesProgrammed";
     /// The autoscaler's latest decisions (written by [`super::AUTOSCALER_MANAGER`]).
     pub const AUTOSCALED: &str = "Autoscaled";
 }

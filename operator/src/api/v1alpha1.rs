@@ -65,6 +65,9 @@ pub const MIN_SCALE_TO_ZERO_AFTER_SECONDS: u64 = 10;
     validation = Rule::new("self.routes.all(a, self.routes.exists_one(b, b.match == a.match))")
         .message("spec.routes[].match: two routes have the same match; give each route a distinct path, methods or headers")
         .field_path(".routes"),
+    validation = Rule::new("!has(self.gateway) || size(self.routes) <= 16")
+        .message("spec.gateway: an HTTPRoute holds at most 16 rules, one per route; this app has more routes")
+        .field_path(".gateway"),
 )]
 pub struct HybridAppSpec {
     /// Host names this app answers (exact match on the Host header, without
@@ -86,6 +89,52 @@ pub struct HybridAppSpec {
     #[validate(length(min = 1, max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub routes: Vec<Route>,
+
+    /// Serve the routes through Gateways the cluster already runs: the
+    /// operator then owns one Gateway API `HTTPRoute` named like the app,
+    /// attached to these parents, with a rule per route and the effective
+    /// weights as `backendRefs` to the workloads' public Services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayOutput>,
+}
+
+/// Where the generated HTTPRoute attaches.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayOutput {
+    /// The Gateways (or their listeners) the HTTPRoute attaches to, as
+    /// Gateway API `parentRefs`.
+    #[validate(length(min = 1, max = 32))]
+    pub parent_refs: Vec<ParentRef>,
+}
+
+/// A Gateway API `ParentReference` (Standard channel fields).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    /// API group of the parent (default `gateway.networking.k8s.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(max = 253))]
+    pub group: Option<String>,
+    /// Kind of the parent (default `Gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 63))]
+    pub kind: Option<String>,
+    /// Namespace of the parent (default: the app's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+    /// Name of the parent.
+    #[validate(length(min = 1, max = 253))]
+    pub name: String,
+    /// One listener of the parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(min = 1, max = 253))]
+    pub section_name: Option<String>,
+    /// One port of the parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
 }
 
 /// One workload: a pod template run as a Function (scales to zero) or

@@ -7,6 +7,7 @@
 //! wants is not written at all, and status is written only when it changed.
 
 pub mod children;
+pub mod httproute;
 pub mod metrics;
 pub mod ports;
 pub mod status;
@@ -98,6 +99,11 @@ pub struct Context {
     /// The EndpointSlices Tandem writes (of public Services that point at
     /// the gateways).
     slices: Store<EndpointSlice>,
+    /// The HTTPRoutes Tandem owns; `None` when the API server does not
+    /// serve Gateway API HTTPRoutes (checked at start).
+    http_routes: Option<Store<httproute::HttpRoute>>,
+    /// HTTPRoutes this process applied, until the watch shows them.
+    applied_routes: Recent<Arc<serde_json::Value>>,
     /// The live gateways.
     fleet: Arc<crate::fleet::Fleet>,
     /// Gateway ports of workloads.
@@ -271,10 +277,36 @@ pub async fn run(
         labels::SLICE_MANAGED_BY,
         labels::SLICE_MANAGER
     ));
-    let slices = spawn_child_cache::<EndpointSlice>(&client, namespace, &ours, owners_tx);
+    let slices = spawn_child_cache::<EndpointSlice>(&client, namespace, &ours, owners_tx.clone());
+    // HTTPRoutes only where the API server has them (the Gateway API CRDs
+    // installed before the operator started).
+    let http_routes = match scoped::<httproute::HttpRoute>(&client, namespace)
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => Some(spawn_child_cache::<httproute::HttpRoute>(
+            &client, namespace, &managed, owners_tx,
+        )),
+        Err(error) => {
+            tracing::info!(%error, "HTTPRoutes are not served here: spec.gateway cannot be honoured until the Gateway API CRDs are installed and the operator restarted");
+            None
+        }
+    };
     // When gateways come or go, every app's public Services follow.
     let gateways_changed = futures::stream::unfold(fleet.subscribe(), |mut rx| async move {
         rx.changed().await.ok().map(|()| ((), rx))
+    });
+    // When the generations the gateways serve change, those apps' status
+    // follows (RoutesProgrammed, and so Ready).
+    let programmed_changed = futures::stream::unfold(fleet.clone(), |fleet| async move {
+        let apps = fleet.changed_apps().await;
+        Some((apps, fleet))
+    })
+    .flat_map(|apps| {
+        futures::stream::iter(
+            apps.into_iter()
+                .map(|(namespace, name)| ObjectRef::new(&name).within(&namespace)),
+        )
     });
     let gateway_ports = ports::Ports::new(settings.gateway_ports.clone());
     let owner_events = futures::stream::unfold(owners_rx, |mut rx| async move {
@@ -303,6 +335,7 @@ pub async fn run(
     let controller = Controller::for_stream(app_events, apps.clone())
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .reconcile_on(owner_events)
+        .reconcile_on(programmed_changed)
         .reconcile_all_on(gateways_changed);
     let context = Arc::new(Context {
         recorder,
@@ -313,6 +346,8 @@ pub async fn run(
         services: services.clone(),
         hpas: hpas.clone(),
         slices: slices.clone(),
+        http_routes: http_routes.clone(),
+        applied_routes: Default::default(),
         ports: gateway_ports,
         fleet,
         created: Default::default(),
@@ -333,6 +368,10 @@ pub async fn run(
                 && listed(&services).await
                 && listed(&hpas).await
                 && listed(&slices).await
+                && match &http_routes {
+                    Some(store) => listed(store).await,
+                    None => true,
+                }
             {
                 break;
             }
@@ -456,6 +495,24 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
                 update_status(app, context, Some(&Problem::ApplyFailed(message))).await?;
                 return Err(error);
             }
+        }
+    }
+    match apply_http_route(app, context, &namespace, &name).await {
+        Ok(change) => changed.extend(change),
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 422 => {
+            let message = format!(
+                "spec.gateway: the HTTPRoute was refused: {}",
+                status.message
+            );
+            return fail_invalid(app, context, message).await;
+        }
+        Err(error) => {
+            let message = match &error {
+                Error::Kube(kube::Error::Api(status)) if status.code == 404 => "spec.gateway: this cluster does not serve Gateway API HTTPRoutes (install the Gateway API CRDs, then restart the operator)".to_string(),
+                other => format!("spec.gateway: {other}"),
+            };
+            update_status(app, context, Some(&Problem::ApplyFailed(message))).await?;
+            return Err(error);
         }
     }
     // Children of workloads that left the spec: looked for when the spec
@@ -720,6 +777,11 @@ async fn apply_slices(
     namespace: &str,
     child: &WorkloadChildren,
 ) -> Result<(), Error> {
+    // A new leader has not heard from every gateway yet: the slices stay
+    // as they are (it is told when the warm-up ends).
+    if !context.fleet.is_warm(Instant::now()) {
+        return Ok(());
+    }
     let api: Api<EndpointSlice> = Api::namespaced(context.client.clone(), namespace);
     let known = (&context.slices, &context.applied_slices);
     for desired in &child.endpoint_slices {
@@ -752,6 +814,61 @@ async fn apply_slices(
         }
     }
     Ok(())
+}
+
+/// Applies the app's HTTPRoute (spec.gateway), or deletes the one Tandem
+/// made for it once spec.gateway is gone.
+async fn apply_http_route(
+    app: &HybridApp,
+    context: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<(&'static str, String)>, Error> {
+    let api: Api<httproute::HttpRoute> = Api::namespaced(context.client.clone(), namespace);
+    let desired = httproute::build(app);
+    let live = context
+        .http_routes
+        .as_ref()
+        .and_then(|store| store.get(&ObjectRef::new(name).within(namespace)));
+    match (desired, context.http_routes.as_ref()) {
+        (Some(desired), Some(store)) => {
+            let known = (store, &context.applied_routes);
+            let fresh = live.is_none() && context.applied_routes.get(namespace, name).is_none();
+            apply_known(context, &api, known, "httproute", namespace, name, &desired).await?;
+            Ok(fresh.then(|| {
+                (
+                    "HTTPRouteCreated",
+                    format!("HTTPRoute {name} for spec.gateway"),
+                )
+            }))
+        }
+        // Without a watch there is no cache to compare with: the apply
+        // tells whether the cluster serves HTTPRoutes at all.
+        (Some(desired), None) => {
+            api.patch(name, &apply_params(), &Patch::Apply(&desired))
+                .await?;
+            context.metrics.write("httproute");
+            Ok(None)
+        }
+        (None, _) => {
+            let ours = live.is_some_and(|route| {
+                route.owner_references().iter().any(|o| {
+                    o.controller == Some(true)
+                        && Some(o.uid.as_str()) == app.metadata.uid.as_deref()
+                })
+            });
+            if !ours {
+                return Ok(None);
+            }
+            delete_ignoring_missing(&api, name).await?;
+            context.applied_routes.forget(namespace, name);
+            context.metrics.write("httproute");
+            Ok(Some((
+                "HTTPRouteRemoved",
+                format!("deleted HTTPRoute {name}: spec.gateway is gone"),
+            )))
+        }
+    }
 }
 
 /// Creates the Deployment with its initial replicas. Tandem owns `replicas`
@@ -927,10 +1044,25 @@ async fn update_status(
     let previous = recent.as_deref().or(app.status.as_ref());
     let now = Timestamp::now();
     let routes = migrate(app, context, &namespace, &deployments, previous, now);
+    let serving = context.fleet.serving(
+        &(namespace.clone(), name.clone()),
+        app.metadata.generation.unwrap_or_default(),
+    );
+    let http_route = app.spec.gateway.as_ref().map(|output| {
+        let live = context
+            .http_routes
+            .as_ref()
+            .and_then(|store| store.get(&ObjectRef::new(&name).within(&namespace)));
+        httproute::accepted(live.as_deref(), &output.parent_refs, &namespace)
+    });
     let next = status::compute(
         app,
         &deployments,
         routes.statuses,
+        status::Routing {
+            serving,
+            http_route,
+        },
         problem,
         previous,
         Time(now),

@@ -16,6 +16,16 @@ use crate::api::{
     WorkloadState, WorkloadStatus,
 };
 
+/// Whether the app's routes are served: by the Tandem gateways, and (with
+/// `spec.gateway`) by the parents of its HTTPRoute.
+#[derive(Debug, Clone, Default)]
+pub struct Routing {
+    /// How many live gateways serve the app's generation.
+    pub serving: crate::fleet::Serving,
+    /// With `spec.gateway`: accepted by every parent (and how), or why not.
+    pub http_route: Option<Result<String, String>>,
+}
+
 /// Something that kept the reconcile from converging.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Problem {
@@ -26,12 +36,19 @@ pub enum Problem {
 }
 
 /// Computes the status around `routes` (the effective weights, from
-/// [`crate::migration::advance`]). `previous` supplies condition transition
+/// [`crate::migration::advance`]) and `serving` (how many live gateways
+/// serve the app's generation). `previous` supplies condition transition
 /// times, which change only when a condition's status changes.
+///
+/// `Ready` means routable: with gateways live, it also waits until every
+/// one of them serves the current generation (`RoutesProgrammed`). With
+/// none reporting to this operator, `RoutesProgrammed` says so and `Ready`
+/// judges the workloads alone.
 pub fn compute(
     app: &HybridApp,
     deployments: &BTreeMap<String, Deployment>,
     routes: Vec<RouteStatus>,
+    routing: Routing,
     problem: Option<&Problem>,
     previous: Option<&HybridAppStatus>,
     now: Time,
@@ -68,7 +85,7 @@ pub fn compute(
 
     // (ready, progressing, degraded, reconciling, stalled), each (status, reason, message)
     type C = (bool, &'static str, String);
-    let (ready, progressing, degraded_c, mut reconciling, mut stalled): (
+    let (ready, progressing, degraded_c, reconciling, mut stalled): (
         C,
         C,
         C,
@@ -132,6 +149,23 @@ pub fn compute(
         }
     };
 
+    let generation = app.metadata.generation;
+    let Routing {
+        serving,
+        http_route,
+    } = routing;
+    let programmed = routes_programmed(serving, generation.unwrap_or_default(), http_route);
+    let waits = serving.gateways > 0 || programmed.1 == "HTTPRouteNotAccepted";
+    let (ready, mut reconciling) = if ready.0 && !programmed.0 && waits {
+        let waiting = (false, "RoutesNotProgrammed", programmed.2.clone());
+        (
+            waiting.clone(),
+            reconciling.or(Some((true, waiting.1, waiting.2))),
+        )
+    } else {
+        (ready, reconciling)
+    };
+
     let (migrated, migrations) = migrations(&routes);
     if problem.is_none() && reconciling.is_none() && stalled.is_none() && !migrated.0 {
         // kstatus: in progress while a migration runs, stalled when one
@@ -144,7 +178,6 @@ pub fn compute(
         }
     }
 
-    let generation = app.metadata.generation;
     let old = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
@@ -153,6 +186,13 @@ pub fn compute(
         condition(condition::PROGRESSING, progressing, generation, old, &now),
         condition(condition::DEGRADED, degraded_c, generation, old, &now),
         condition(condition::MIGRATED, migrated, generation, old, &now),
+        condition(
+            condition::ROUTES_PROGRAMMED,
+            programmed,
+            generation,
+            old,
+            &now,
+        ),
     ];
     if let Some(c) = reconciling {
         conditions.push(condition(condition::RECONCILING, c, generation, old, &now));
@@ -172,6 +212,49 @@ pub fn compute(
         route_count: Some(app.spec.routes.len() as i32),
         workloads,
     }
+}
+
+/// `RoutesProgrammed`: whether every live gateway serves `generation`.
+fn routes_programmed(
+    serving: crate::fleet::Serving,
+    generation: i64,
+    http_route: Option<Result<String, String>>,
+) -> (bool, &'static str, String) {
+    let crate::fleet::Serving { gateways, current } = serving;
+    let accepted = match http_route {
+        Some(Err(why)) => return (false, "HTTPRouteNotAccepted", why),
+        Some(Ok(accepted)) => Some(accepted),
+        None => None,
+    };
+    if let Some(accepted) = &accepted
+        && (gateways == 0 || current == gateways)
+    {
+        let tandem = if gateways == 0 {
+            String::new()
+        } else {
+            format!("; all {gateways} Tandem gateway(s) serve generation {generation}")
+        };
+        return (true, "Programmed", format!("{accepted}{tandem}"));
+    }
+    if gateways == 0 {
+        return (
+            false,
+            "NoGateway",
+            "no gateway reports to the operator yet".into(),
+        );
+    }
+    if current < gateways {
+        return (
+            false,
+            "Programming",
+            format!("{current} of {gateways} gateway(s) serve generation {generation}"),
+        );
+    }
+    (
+        true,
+        "Programmed",
+        format!("all {gateways} gateway(s) serve generation {generation}"),
+    )
 }
 
 fn condition(
@@ -307,6 +390,7 @@ fn migrations(routes: &[RouteStatus]) -> ((bool, &'static str, String), Option<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::Serving;
     use serde_json::json;
 
     fn app() -> HybridApp {
@@ -354,17 +438,87 @@ spec:
         Time("2026-01-01T00:00:00Z".parse().unwrap())
     }
 
+    /// The status of a new app with `observed` Deployments, no gateway.
+    fn first_status(observed: &BTreeMap<String, Deployment>) -> HybridAppStatus {
+        compute(
+            &app(),
+            observed,
+            routes(),
+            Routing::default(),
+            None,
+            None,
+            now(),
+        )
+    }
+
+    /// web ready, fn at zero.
+    fn all_ready() -> BTreeMap<String, Deployment> {
+        BTreeMap::from([
+            ("web".to_string(), deployment(1, 1)),
+            ("fn".to_string(), deployment(0, 0)),
+        ])
+    }
+
     fn find<'a>(status: &'a HybridAppStatus, type_: &str) -> Option<&'a Condition> {
         status.conditions.iter().find(|c| c.type_ == type_)
     }
 
     #[test]
+    fn ready_waits_for_every_live_gateway_to_serve_the_generation() {
+        let observed = all_ready();
+        let with = |gateways, current| {
+            let serving = Serving { gateways, current };
+            compute(
+                &app(),
+                &observed,
+                routes(),
+                Routing {
+                    serving,
+                    http_route: None,
+                },
+                None,
+                None,
+                now(),
+            )
+        };
+        let lagging = with(2, 1);
+        let ready = find(&lagging, "Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "RoutesNotProgrammed")
+        );
+        assert_eq!(
+            find(&lagging, "Reconciling").unwrap().status,
+            "True",
+            "kstatus: in progress"
+        );
+        let programmed = find(&lagging, "RoutesProgrammed").unwrap();
+        assert_eq!(programmed.reason, "Programming");
+        assert!(
+            programmed.message.starts_with("1 of 2 gateway(s)"),
+            "{}",
+            programmed.message
+        );
+
+        let served = with(2, 2);
+        assert_eq!(find(&served, "Ready").unwrap().status, "True");
+        assert_eq!(find(&served, "RoutesProgrammed").unwrap().status, "True");
+        assert!(find(&served, "Reconciling").is_none());
+
+        // No gateway reports to this operator: said so, Ready judges the
+        // workloads alone.
+        let alone = with(0, 0);
+        assert_eq!(find(&alone, "Ready").unwrap().status, "True");
+        assert_eq!(
+            find(&alone, "RoutesProgrammed").unwrap().reason,
+            "NoGateway"
+        );
+    }
+
+    #[test]
     fn ready_when_always_on_is_ready_and_the_function_is_at_zero() {
-        let observed = BTreeMap::from([
-            ("web".to_string(), deployment(1, 1)),
-            ("fn".to_string(), deployment(0, 0)),
-        ]);
-        let status = compute(&app(), &observed, routes(), None, None, now());
+        let observed = all_ready();
+        let status = first_status(&observed);
         assert_eq!(status.observed_generation, Some(4));
         assert_eq!(find(&status, "Ready").unwrap().status, "True");
         assert_eq!(find(&status, "Ready").unwrap().reason, "AllWorkloadsReady");
@@ -385,7 +539,7 @@ spec:
     #[test]
     fn starting_workloads_keep_it_progressing_and_name_the_laggards() {
         let observed = BTreeMap::from([("web".to_string(), deployment(2, 1))]);
-        let status = compute(&app(), &observed, routes(), None, None, now());
+        let status = first_status(&observed);
         let ready = find(&status, "Ready").unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -411,6 +565,7 @@ spec:
             &app(),
             &BTreeMap::new(),
             routes(),
+            Routing::default(),
             Some(&Problem::InvalidSpec("bad template".into())),
             None,
             now(),
@@ -422,19 +577,18 @@ spec:
             &app(),
             &BTreeMap::new(),
             routes(),
+            Routing::default(),
             Some(&Problem::InvalidSpec("bad template".into())),
             Some(&first),
             later.clone(),
         );
         assert_eq!(first, again, "nothing changed, so nothing to write");
-        let observed = BTreeMap::from([
-            ("web".to_string(), deployment(1, 1)),
-            ("fn".to_string(), deployment(0, 0)),
-        ]);
+        let observed = all_ready();
         let fixed = compute(
             &app(),
             &observed,
             routes(),
+            Routing::default(),
             None,
             Some(&again),
             later.clone(),

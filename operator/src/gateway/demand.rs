@@ -16,7 +16,7 @@ use kube::runtime::watcher;
 use tokio::sync::watch;
 
 use super::state::Gateway;
-use super::table::WorkloadKey;
+use super::table::{RoutingTable, WorkloadKey};
 use crate::protocol::{
     DEMAND_PATH, DEMAND_REPEAT, Demand, STATS_INTERVAL, STATS_PATH, Stats, WorkloadRef,
     WorkloadStats,
@@ -120,11 +120,20 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let mut last_stats = Instant::now();
     let mut told_draining = false;
+    let mut tables = gateway.tables.clone();
+    // What the last report said was programmed: a new table is reported at
+    // once, so the operator learns it serves an app within moments.
+    let mut told_programmed: Option<Arc<RoutingTable>> = None;
     loop {
         tokio::select! {
             _ = gateway.demand.notified() => {}
+            Ok(()) = tables.changed() => {}
             _ = tokio::time::sleep(DEMAND_REPEAT.min(STATS_INTERVAL)) => {}
         }
+        let table = tables.borrow_and_update().clone();
+        let new_table = told_programmed
+            .as_ref()
+            .is_none_or(|told| told.programmed() != table.programmed());
         let targets = targets.borrow().clone();
         for (key, load) in gateway.loads() {
             let held = load.held.load(Ordering::Relaxed);
@@ -138,7 +147,7 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
             }
         }
         let draining = gateway.draining.load(Ordering::Relaxed);
-        if last_stats.elapsed() >= STATS_INTERVAL || (draining && !told_draining) {
+        if last_stats.elapsed() >= STATS_INTERVAL || (draining && !told_draining) || new_table {
             told_draining = draining;
             let interval = last_stats.elapsed();
             last_stats = Instant::now();
@@ -165,7 +174,9 @@ pub async fn run(gateway: Arc<Gateway>, targets: Option<Targets>) {
                 routes,
                 address: gateway.advertise,
                 draining,
+                programmed: table.programmed().to_vec(),
             };
+            told_programmed = Some(table);
             post_all(&client, &targets, STATS_PATH, &stats).await;
         }
     }

@@ -183,6 +183,8 @@ pub struct RoutingTable {
     by_service_host: FastMap<String, Arc<CompiledRoute>>,
     /// A workload's own route, by its gateway port.
     by_port: FastMap<u16, Arc<CompiledRoute>>,
+    /// The apps in the table and their generations, sorted.
+    programmed: Vec<crate::protocol::Programmed>,
 }
 
 /// How workloads are reached as themselves (see the module docs).
@@ -224,6 +226,11 @@ impl RoutingTable {
             else {
                 continue;
             };
+            table.programmed.push(crate::protocol::Programmed {
+                namespace: namespace.clone(),
+                app: name.clone(),
+                generation: app.metadata.generation.unwrap_or_default(),
+            });
             for workload in &app.spec.workloads {
                 let key = WorkloadKey {
                     namespace: namespace.clone(),
@@ -349,6 +356,7 @@ impl RoutingTable {
             table.by_host.insert(host, routes);
         }
         table.any_host = any_host;
+        table.programmed.sort();
         // A bare Service name in two namespaces names neither.
         table.by_service_host = service_hosts
             .into_iter()
@@ -367,6 +375,11 @@ impl RoutingTable {
             }
         }
         table
+    }
+
+    /// The apps this table serves, with their generations, sorted.
+    pub fn programmed(&self) -> &[crate::protocol::Programmed] {
+        &self.programmed
     }
 
     /// The route of the workload whose gateway port is `port`.

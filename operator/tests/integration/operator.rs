@@ -154,11 +154,15 @@ async fn reconciles_children_through_create_update_remove_and_delete() {
         names.sort();
         names
     };
-    assert_eq!(
-        slice_names().await,
-        ["shop-fn-gateways", "shop-web-gateways"],
-        "both are reached through the gateways (concurrency-scaled)"
-    );
+    // Both are reached through the gateways (scaled on concurrency); the
+    // slices come once the operator has heard from the gateways (none here).
+    wait_for("the public Services' EndpointSlices", WAIT, || async {
+        match slice_names().await {
+            names if names == ["shop-fn-gateways", "shop-web-gateways"] => Ok(()),
+            names => Err(format!("{names:?}")),
+        }
+    })
+    .await;
     let web = deployments.get("shop-web").await.unwrap();
     assert_eq!(web.spec.as_ref().unwrap().replicas, Some(1));
     let owner = &web.metadata.owner_references.as_ref().unwrap()[0];

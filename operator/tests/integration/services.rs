@@ -15,7 +15,8 @@ use tandem::api::HybridApp;
 use testenv::{TestNamespace, environment, wait_for};
 
 use crate::gateway::GatewayHandle;
-use crate::support::{OperatorProcess, install_crd, operator_kubeconfig};
+use crate::support::{OperatorProcess, install_crd, install_gateway_api, operator_kubeconfig};
+use tandem::controller::httproute::HttpRoute;
 
 fn app() -> HybridApp {
     let container = |name: &str| {
@@ -222,5 +223,297 @@ async fn a_pod_reaches_a_function_at_zero_and_an_always_on_workload_by_cluster_i
                 && l.contains("workload=\"store\"")),
         "the gateway counted a request for store:\n{metrics}"
     );
+    operator.assert_never_forbidden();
+}
+
+/// Waits until the app's `Ready` is true for its current generation and
+/// returns that generation.
+async fn ready_for_current_generation(apps: &Api<HybridApp>, name: &str) -> i64 {
+    wait_for(
+        "Ready for the current generation",
+        Duration::from_secs(60),
+        || async {
+            let app = apps.get(name).await.map_err(|e| e.to_string())?;
+            let generation = app.metadata.generation.unwrap_or_default();
+            let conditions = app.status.map(|s| s.conditions).unwrap_or_default();
+            let ready = conditions.iter().find(|c| c.type_ == "Ready");
+            match ready {
+                Some(c) if c.status == "True" && c.observed_generation == Some(generation) => {
+                    Ok(generation)
+                }
+                other => Err(format!("generation {generation}, Ready {other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn ready_means_every_gateway_serves_the_current_generation() {
+    install_crd().await;
+    let ns = TestNamespace::create("routable").await;
+    let kubeconfig = operator_kubeconfig(&ns.name).await;
+    let operator = OperatorProcess::start(&ns.name, &kubeconfig, "op-1", &[]).await;
+    let gateway = GatewayHandle::for_operator("routable", &ns.name, &operator).await;
+    let apps: Api<HybridApp> = ns.api();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let get = |host: String, path: &str| {
+        let request = http::Request::get(gateway.url(path))
+            .header("host", host)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let client = client.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), client.request(request))
+                .await
+                .expect("an answer within 60 s")
+                .expect("a response")
+                .status()
+                .as_u16()
+        }
+    };
+    for i in 0..3 {
+        // A new app (a Function at zero is Ready at once): the first request
+        // after Ready is routed, never 404.
+        let name = format!("app{i}");
+        let host = format!("{name}.example.com");
+        let app: HybridApp = serde_json::from_value(json!({
+            "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
+            "metadata": {"name": name},
+            "spec": {
+                "hosts": [host],
+                "workloads": [{"name": "fn", "mode": "Function", "port": 8080, "requestTimeout": "60s",
+                               "template": {"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1"}]}}}],
+                "routes": [{"name": "a", "match": {"pathPrefix": "/a"}, "backends": [{"workload": "fn"}]}]
+            }
+        }))
+        .unwrap();
+        apps.create(&PostParams::default(), &app).await.unwrap();
+        ready_for_current_generation(&apps, &name).await;
+        assert_eq!(
+            get(host.clone(), "/a").await,
+            200,
+            "{name}: the first request"
+        );
+
+        // A new route: Ready again only once the gateway serves it.
+        let patch = json!({"spec": {"routes": [
+            {"name": "a", "match": {"pathPrefix": "/a"}, "backends": [{"workload": "fn"}]},
+            {"name": "b", "match": {"pathPrefix": "/b"}, "backends": [{"workload": "fn"}]}
+        ]}});
+        apps.patch(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+        let generation = ready_for_current_generation(&apps, &name).await;
+        assert_eq!(get(host.clone(), "/b").await, 200, "{name}: the new route");
+        let status = apps.get(&name).await.unwrap().status.unwrap();
+        let programmed = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "RoutesProgrammed")
+            .expect("RoutesProgrammed");
+        assert_eq!(programmed.status, "True");
+        assert_eq!(
+            programmed.message,
+            format!("all 1 gateway(s) serve generation {generation}")
+        );
+    }
+    operator.assert_never_forbidden();
+}
+
+/// The backends of rule `rule` of the HTTPRoute: (Service, weight).
+fn backends(route: &HttpRoute, rule: &str) -> Vec<(String, i64)> {
+    route.spec["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["name"] == rule)
+        .flat_map(|r| r["backendRefs"].as_array().cloned().unwrap_or_default())
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap_or_default().to_string(),
+                b["weight"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn spec_gateway_owns_one_httproute_that_follows_the_app() {
+    install_crd().await;
+    install_gateway_api().await;
+    let ns = TestNamespace::create("httproute").await;
+    let kubeconfig = operator_kubeconfig(&ns.name).await;
+    let operator = OperatorProcess::start(&ns.name, &kubeconfig, "op-1", &[]).await;
+    let apps: Api<HybridApp> = ns.api();
+    let routes: Api<HttpRoute> = ns.api();
+    let mut app = app();
+    app.spec.gateway = Some(
+        serde_json::from_value(
+            json!({"parentRefs": [{"name": "edge", "namespace": "infra", "sectionName": "http"}]}),
+        )
+        .unwrap(),
+    );
+    app.spec.routes.push(
+        serde_json::from_value(json!({"name": "search", "match": {"pathPrefix": "/search", "methods": ["GET", "HEAD"]},
+            "backends": [{"workload": "store", "weight": 80}, {"workload": "thumbs", "weight": 20}]}))
+        .unwrap(),
+    );
+    apps.create(&PostParams::default(), &app).await.unwrap();
+
+    // Accepted by the real CRD's schema and CEL: it exists, as built.
+    let split = |route: &HttpRoute| backends(route, "search");
+    let route = wait_for("the HTTPRoute", Duration::from_secs(60), || async {
+        routes.get("shop").await.map_err(|e| e.to_string())
+    })
+    .await;
+    assert_eq!(
+        split(&route),
+        [
+            ("shop-store".to_string(), 80),
+            ("shop-thumbs".to_string(), 20)
+        ]
+    );
+    assert_eq!(
+        backends(&route, "checkout"),
+        [("shop-store".to_string(), 1)]
+    );
+    assert_eq!(route.spec["hostnames"], json!(["shop.example.com"]));
+    assert_eq!(route.spec["parentRefs"][0]["name"], "edge");
+    assert_eq!(
+        route.spec["rules"][2]["matches"].as_array().unwrap().len(),
+        2,
+        "one match per method"
+    );
+
+    // Not Ready until the Gateway accepts the route.
+    let condition = |app: &HybridApp, kind: &str| {
+        app.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == kind).cloned())
+    };
+    let waiting = wait_for(
+        "RoutesProgrammed to wait for the Gateway",
+        Duration::from_secs(60),
+        || async {
+            let app = apps.get("shop").await.map_err(|e| e.to_string())?;
+            match condition(&app, "RoutesProgrammed") {
+                Some(c) if c.reason == "HTTPRouteNotAccepted" => Ok(app),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(condition(&waiting, "Ready").unwrap().status, "False");
+    // The Gateway's implementation accepts it (as Tandem's own will, or
+    // any other's would).
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let generation = route.metadata.generation.unwrap();
+    let verdict = |kind: &str| {
+        json!({"type": kind, "status": "True", "reason": kind, "message": "",
+        "observedGeneration": generation, "lastTransitionTime": now})
+    };
+    let status = json!({"status": {"parents": [{
+        "parentRef": {"name": "edge", "namespace": "infra", "sectionName": "http"},
+        "controllerName": "example.com/gateway",
+        "conditions": [verdict("Accepted"), verdict("ResolvedRefs")]}]}});
+    routes
+        .patch_status(
+            "shop",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "Ready once the Gateway accepted the route",
+        Duration::from_secs(90),
+        || async {
+            let app = apps.get("shop").await.map_err(|e| e.to_string())?;
+            let (ready, programmed) = (
+                condition(&app, "Ready"),
+                condition(&app, "RoutesProgrammed"),
+            );
+            match (&ready, &programmed) {
+                (Some(r), Some(p)) if r.status == "True" && p.status == "True" => Ok(()),
+                _ => Err(format!("Ready {ready:?}, RoutesProgrammed {programmed:?}")),
+            }
+        },
+    )
+    .await;
+
+    // Edited by hand: put back.
+    let edit = json!({"spec": {"rules": [{"name": "search", "backendRefs": [{"name": "shop-store", "port": 80, "weight": 1}]}]}});
+    routes
+        .patch(
+            "shop",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&edit),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the edited HTTPRoute to be put back",
+        Duration::from_secs(30),
+        || async {
+            let route = routes.get("shop").await.map_err(|e| e.to_string())?;
+            let rules = route.spec["rules"].as_array().map_or(0, Vec::len);
+            match (rules, split(&route)) {
+                (3, weights) if weights.len() == 2 && weights[0].1 == 80 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    // A weight change in the app shows up in the route.
+    let mut spec_routes = apps.get("shop").await.unwrap().spec.routes;
+    spec_routes[2].backends[0].weight = Some(60);
+    spec_routes[2].backends[1].weight = Some(40);
+    apps.patch(
+        "shop",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&json!({"spec": {"routes": spec_routes}})),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the new weights in the HTTPRoute",
+        Duration::from_secs(30),
+        || async {
+            let route = routes.get("shop").await.map_err(|e| e.to_string())?;
+            match split(&route).as_slice() {
+                [(_, 60), (_, 40)] => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+
+    // spec.gateway removed: the route goes.
+    apps.patch(
+        "shop",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&json!({"spec": {"gateway": null}})),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the HTTPRoute to be deleted",
+        Duration::from_secs(30),
+        || async {
+            match routes.get_opt("shop").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            }
+        },
+    )
+    .await;
     operator.assert_never_forbidden();
 }

@@ -16,6 +16,33 @@ pub fn refusals(log: &str) -> Vec<&str> {
 }
 
 /// Installs the HybridApp CRD once per test binary and waits until it is served.
+/// Installs the Gateway API CRDs (standard channel) once per test binary
+/// and waits until HTTPRoutes can be listed.
+pub async fn install_gateway_api() {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    INSTALLED
+        .get_or_init(|| async {
+            let client = environment().client().await;
+            testenv::gateway_api::install(&client)
+                .await
+                .expect("the Gateway API CRDs install");
+            let routes: Api<tandem::controller::httproute::HttpRoute> = Api::all(client);
+            wait_for(
+                "httproutes to be listable",
+                std::time::Duration::from_secs(30),
+                || async {
+                    routes
+                        .list(&Default::default())
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                },
+            )
+            .await;
+        })
+        .await;
+}
+
 pub async fn install_crd() {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
     INSTALLED
