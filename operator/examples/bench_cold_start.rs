@@ -25,41 +25,22 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tandem::api::HybridApp;
-use testenv::process::{ProcessSpec, spawn};
-use testenv::{ControlPlane, KubeletConfig, ProcessKubelet};
+
+// Each benchmark uses part of the shared module.
+#[allow(dead_code)]
+mod common;
+use common::{Stack, wait};
 
 const STARTUP_MS: u64 = 500;
 const NAMESPACE: &str = "cold";
 /// The baseline's Deployment and Service (no Tandem).
 const DIRECT: &str = "direct-fn";
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
 
 /// Percentile `q` of sorted `values` (nearest rank).
 fn at(values: &[f64], q: f64) -> f64 {
@@ -164,56 +145,9 @@ async fn main() -> Result<()> {
         .map(|v| v.parse())
         .transpose()?
         .unwrap_or(30);
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .and_then(|p| p.parent())
-        .context("target dir")?
-        .to_path_buf();
-    let tandem = exe_dir.join("tandem");
-    let echo = exe_dir.join("testenv");
-
-    let control_plane = ControlPlane::start().await?;
-    let kubelet = ProcessKubelet::start(&control_plane, KubeletConfig::new(echo)).await?;
-    let client = control_plane.client().await?;
-    Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone())
-        .patch("hybridapps.tandem.dev", &PatchParams::apply("bench").force(), &Patch::Apply(HybridApp::crd()))
-        .await?;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let logs = control_plane.dir.join("logs");
-    let (admin, autoscaler, gateway_port, gateway_admin) =
-        (free_port()?, free_port()?, free_port()?, free_port()?);
-    let kubeconfig = control_plane.kubeconfig.display().to_string();
-    let operator = spawn(ProcessSpec {
-        program: tandem.display().to_string(),
-        args: vec![
-            "operator".into(),
-            format!("--watch-namespace={NAMESPACE}"),
-            format!("--lease-namespace={NAMESPACE}"),
-            format!("--admin-address=127.0.0.1:{admin}"),
-            format!("--autoscaler-address=127.0.0.1:{autoscaler}"),
-        ],
-        env: vec![("KUBECONFIG".into(), kubeconfig.clone())],
-        log: logs.join("bench-operator.log"),
-        netns: None,
-    })?;
-    let gateway = spawn(ProcessSpec {
-        program: tandem.display().to_string(),
-        args: vec![
-            "gateway".into(),
-            format!("--namespace={NAMESPACE}"),
-            format!("--listen=127.0.0.1:{gateway_port}"),
-            format!("--admin-address=127.0.0.1:{gateway_admin}"),
-            format!("--operator-url=http://127.0.0.1:{autoscaler}"),
-        ],
-        env: vec![("KUBECONFIG".into(), kubeconfig)],
-        log: logs.join("bench-gateway.log"),
-        netns: None,
-    })?;
+    let stack = Stack::start(NAMESPACE, false).await?;
+    let (client, kubelet) = (stack.client.clone(), &stack.kubelet);
+    let gateway_port = stack.gateway_port;
 
     let pod_spec = json!({"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1",
         "env": [{"name": "ECHO_STARTUP_DELAY_MS", "value": STARTUP_MS.to_string()}],
@@ -275,9 +209,7 @@ async fn main() -> Result<()> {
         .await?;
         // Let the gateway see the endpoints go.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if !operator.is_running() || !gateway.is_running() {
-            bail!("the operator or the gateway exited; see {}", logs.display());
-        }
+        stack.check()?;
         let start = Instant::now();
         let request = http::Request::get(&url).body(Full::new(Bytes::new()))?;
         let response =
@@ -324,9 +256,7 @@ async fn main() -> Result<()> {
         at(&tandem_times, 0.5) - at(&direct, 0.5),
         at(&shares, 0.9)
     );
-    operator.terminate(Duration::from_secs(5)).await;
-    gateway.terminate(Duration::from_secs(5)).await;
-    drop(kubelet);
+    stack.stop().await;
     println!("cold_start_overhead_p50_ms={:.1}", at(&overheads, 0.5));
     println!(
         "cold_start_tandem_share_p50_ms={:.1}",

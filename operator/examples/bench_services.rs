@@ -13,37 +13,18 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::CustomResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 use tandem::api::HybridApp;
-use testenv::process::{ProcessSpec, spawn};
-use testenv::{ControlPlane, KubeletConfig, ProcessKubelet};
+
+// Each benchmark uses part of the shared module.
+#[allow(dead_code)]
+mod common;
+use common::{Stack, wait};
 
 const NAMESPACE: &str = "services";
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait<F, Fut>(what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        if start.elapsed() > Duration::from_secs(90) {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
-}
 
 /// Runs a command in the pod network and returns its stdout.
 fn in_pod_network(netns: &str, program: &str, args: &[&str]) -> Result<String> {
@@ -108,60 +89,11 @@ async fn main() -> Result<()> {
         .map(|v| v.parse())
         .transpose()?
         .unwrap_or(3);
-    let exe_dir = std::env::current_exe()?
-        .parent()
-        .and_then(|p| p.parent())
-        .context("target dir")?
-        .to_path_buf();
-    let tandem = exe_dir.join("tandem");
-    let echo = exe_dir.join("testenv");
-
-    let mut control_plane = ControlPlane::start().await?;
-    let kubelet = ProcessKubelet::start(&control_plane, KubeletConfig::new(echo)).await?;
-    control_plane.start_kube_proxy(kubelet.node_name()).await?;
-    let netns = control_plane.network.namespace();
-    let node_ip = control_plane.network.node_ip().to_string();
-    let client = control_plane.client().await?;
-    Api::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>::all(client.clone())
-        .patch("hybridapps.tandem.dev", &PatchParams::apply("bench").force(), &Patch::Apply(HybridApp::crd()))
-        .await?;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let logs = control_plane.dir.join("logs");
-    let (admin, autoscaler, gateway_port, gateway_admin) =
-        (free_port()?, free_port()?, free_port()?, free_port()?);
-    let kubeconfig = control_plane.kubeconfig.display().to_string();
-    let operator = spawn(ProcessSpec {
-        program: tandem.display().to_string(),
-        args: vec![
-            "operator".into(),
-            format!("--watch-namespace={NAMESPACE}"),
-            format!("--lease-namespace={NAMESPACE}"),
-            format!("--admin-address=127.0.0.1:{admin}"),
-            format!("--autoscaler-address=127.0.0.1:{autoscaler}"),
-        ],
-        env: vec![("KUBECONFIG".into(), kubeconfig.clone())],
-        log: logs.join("bench-operator.log"),
-        netns: None,
-    })?;
-    let gateway = spawn(ProcessSpec {
-        program: tandem.display().to_string(),
-        args: vec![
-            "gateway".into(),
-            format!("--namespace={NAMESPACE}"),
-            format!("--listen=127.0.0.1:{gateway_port}"),
-            format!("--admin-address=127.0.0.1:{gateway_admin}"),
-            format!("--operator-url=http://127.0.0.1:{autoscaler}"),
-            format!("--advertise-address={node_ip}"),
-        ],
-        env: vec![("KUBECONFIG".into(), kubeconfig)],
-        log: logs.join("bench-gateway.log"),
-        netns: None,
-    })?;
+    let stack = Stack::start(NAMESPACE, true).await?;
+    let client = stack.client.clone();
+    let netns = stack.control_plane.network.namespace();
+    let node_ip = stack.control_plane.network.node_ip().to_string();
+    let logs = stack.logs.clone();
 
     let pod = json!({"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "echo", "image": "example/echo:1",
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1}}]}});
@@ -235,9 +167,7 @@ async fn main() -> Result<()> {
     let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); 2];
     for round in 0..rounds {
         for (index, (path, url, host)) in targets.iter().enumerate() {
-            if !operator.is_running() || !gateway.is_running() {
-                bail!("the operator or the gateway exited; see {}", logs.display());
-            }
+            stack.check()?;
             let output = in_pod_network(
                 &netns,
                 "wrk",
@@ -260,9 +190,7 @@ async fn main() -> Result<()> {
         println!("median {path:<14} {rps:>9.0} req/s, p50 {p50:>6.2} ms, p99 {p99:>6.2} ms");
     }
     let (direct, through) = (summary[0], summary[1]);
-    operator.terminate(Duration::from_secs(5)).await;
-    gateway.terminate(Duration::from_secs(5)).await;
-    drop(kubelet);
+    stack.stop().await;
     println!(
         "tandem_vs_direct_throughput={:.2} tandem_vs_direct_p99={:.2}",
         through.0 / direct.0,
