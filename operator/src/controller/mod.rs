@@ -499,6 +499,7 @@ async fn reconcile_app(app: &HybridApp, context: &Context) -> Result<Action, Err
     }
     match apply_http_route(app, context, &namespace, &name).await {
         Ok(change) => changed.extend(change),
+        Err(Error::InvalidSpec(message)) => return fail_invalid(app, context, message).await,
         Err(Error::Kube(kube::Error::Api(status))) if status.code == 422 => {
             let message = format!(
                 "spec.gateway: the HTTPRoute was refused: {}",
@@ -834,6 +835,19 @@ async fn apply_http_route(
         (Some(desired), Some(store)) => {
             let known = (store, &context.applied_routes);
             let fresh = live.is_none() && context.applied_routes.get(namespace, name).is_none();
+            // Never take over a route someone else made (the cache holds
+            // only Tandem's): one look before the first write.
+            if fresh && let Some(other) = api.get_opt(name).await? {
+                let owner = other
+                    .owner_references()
+                    .iter()
+                    .any(|o| Some(o.uid.as_str()) == app.metadata.uid.as_deref());
+                if !owner {
+                    return Err(Error::InvalidSpec(format!(
+                        "spec.gateway: an HTTPRoute {name} that Tandem did not create exists in {namespace}; Tandem writes its own route under the app's name, so rename or remove that one"
+                    )));
+                }
+            }
             apply_known(context, &api, known, "httproute", namespace, name, &desired).await?;
             Ok(fresh.then(|| {
                 (
