@@ -344,7 +344,7 @@ async fn main() -> Result<()> {
     let logs = control_plane.dir.join("logs");
 
     println!(
-        "bench/reconcile: {} HybridApps of 3 Function workloads (6 children each), {} rounds, {CONCURRENCY} at a time",
+        "bench/reconcile: {} HybridApps of 3 Function workloads (12 children each: per workload a Deployment, a public and a private Service, an EndpointSlice), {} rounds, {CONCURRENCY} at a time",
         args.apps, args.rounds
     );
     let (mut direct_times, mut operator_times, mut direct_requests, mut operator_requests) =
