@@ -967,52 +967,55 @@ async fn remove_unwanted(
                 .any(|o| Some(o.uid.as_str()) == uid)
     };
     let mut events = Vec::new();
-    for deployment in context.deployments.state() {
-        if orphan(&deployment.metadata) {
-            let child = deployment.name_any();
-            delete_ignoring_missing(
-                &Api::<Deployment>::namespaced(context.client.clone(), namespace),
-                &child,
-            )
-            .await?;
-            context.metrics.write("deployment");
-            events.push((
-                "WorkloadRemoved",
-                format!("deleted Deployment {child}: its workload left the spec"),
-            ));
-        }
+    for child in delete_orphans(
+        context,
+        namespace,
+        &context.deployments,
+        "deployment",
+        &orphan,
+    )
+    .await?
+    {
+        events.push((
+            "WorkloadRemoved",
+            format!("deleted Deployment {child}: its workload left the spec"),
+        ));
     }
-    for service in context.services.state() {
-        if orphan(&service.metadata) {
-            delete_ignoring_missing(
-                &Api::<Service>::namespaced(context.client.clone(), namespace),
-                &service.name_any(),
-            )
-            .await?;
-            context.metrics.write("service");
-        }
-    }
-    for slice in context.slices.state() {
-        if orphan(&slice.metadata) {
-            delete_ignoring_missing(
-                &Api::<EndpointSlice>::namespaced(context.client.clone(), namespace),
-                &slice.name_any(),
-            )
-            .await?;
-            context.metrics.write("endpointslice");
-        }
-    }
-    for hpa in context.hpas.state() {
-        if orphan(&hpa.metadata) {
-            delete_ignoring_missing(
-                &Api::<HorizontalPodAutoscaler>::namespaced(context.client.clone(), namespace),
-                &hpa.name_any(),
-            )
-            .await?;
-            context.metrics.write("hpa");
-        }
-    }
+    delete_orphans(context, namespace, &context.services, "service", &orphan).await?;
+    delete_orphans(
+        context,
+        namespace,
+        &context.slices,
+        "endpointslice",
+        &orphan,
+    )
+    .await?;
+    delete_orphans(context, namespace, &context.hpas, "hpa", &orphan).await?;
     Ok(events)
+}
+
+/// Deletes the objects of `store` that `orphan` picks; returns their names.
+async fn delete_orphans<K>(
+    context: &Context,
+    namespace: &str,
+    store: &Store<K>,
+    kind: &'static str,
+    orphan: &impl Fn(&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool,
+) -> Result<Vec<String>, Error>
+where
+    K: crate::watch::Watched + Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    let api: Api<K> = Api::namespaced(context.client.clone(), namespace);
+    let mut deleted = Vec::new();
+    for object in store.state() {
+        if orphan(object.meta()) {
+            let name = object.name_any();
+            delete_ignoring_missing(&api, &name).await?;
+            context.metrics.write(kind);
+            deleted.push(name);
+        }
+    }
+    Ok(deleted)
 }
 
 async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
