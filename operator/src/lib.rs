@@ -9,6 +9,7 @@ pub mod autoscaler;
 pub mod controller;
 pub mod fleet;
 pub mod gateway;
+pub mod gatewayapi;
 pub mod leader;
 pub mod migration;
 pub mod operator;
