@@ -45,6 +45,9 @@ pub struct ImageProgram {
     pub image: String,
     /// The local program.
     pub program: PathBuf,
+    /// Runs in a network namespace of its own (for programs that listen
+    /// on every address, which would clash in the shared one).
+    pub own_network: bool,
 }
 
 /// Which Pods this kubelet runs, and how.
@@ -386,10 +389,28 @@ async fn start_pod(shared: Arc<Shared>, pod: Pod) {
     let ip = shared.network.pod_ip(index);
     let (stop_tx, stop_rx) = oneshot::channel();
     let log = shared.logs.join(format!("{namespace}_{name}.log"));
+    let own_network = mapping_of(&shared, &pod).is_some_and(|m| m.own_network);
+    let remove_ip = move |network: &PodNetwork| {
+        if own_network {
+            network.remove_own_pod(ip)
+        } else {
+            network.remove_pod_ip(ip)
+        }
+    };
     let started = async {
         let network = shared.network.clone();
-        tokio::task::spawn_blocking(move || network.add_pod_ip(ip)).await??;
-        let spec = process_spec(&shared, &pod, ip, &log).await?;
+        let netns = tokio::task::spawn_blocking(move || {
+            if own_network {
+                network.add_own_pod(ip).map(Some)
+            } else {
+                network.add_pod_ip(ip).map(|()| None)
+            }
+        })
+        .await??;
+        let mut spec = process_spec(&shared, &pod, ip, &log).await?;
+        if let Some(netns) = netns {
+            spec.netns = Some(netns);
+        }
         spawn(spec)
     }
     .await;
@@ -397,7 +418,7 @@ async fn start_pod(shared: Arc<Shared>, pod: Pod) {
         Ok(process) => process,
         Err(error) => {
             tracing::warn!(%error, pod = %name, "start pod");
-            let _ = shared.network.remove_pod_ip(ip);
+            let _ = remove_ip(&shared.network);
             shared.free_ips.lock().expect("ips lock").push(index);
             let _ = patch_pod_status(&shared, &pod, ip, false, Some(&error.to_string())).await;
             return;
@@ -420,7 +441,7 @@ async fn start_pod(shared: Arc<Shared>, pod: Pod) {
         supervise_pod(&shared, &pod, ip, process, stop_rx).await;
         let _ = tokio::task::spawn_blocking({
             let network = shared.network.clone();
-            move || network.remove_pod_ip(ip)
+            move || remove_ip(&network)
         })
         .await;
         shared.free_ips.lock().expect("ips lock").push(index);
@@ -598,6 +619,19 @@ async fn patch_pod_status(
     Ok(())
 }
 
+/// The program mapped to `pod`'s image, if any.
+fn mapping_of(shared: &Shared, pod: &Pod) -> Option<ImageProgram> {
+    let image = first_container(pod)?.image.clone().unwrap_or_default();
+    let image_name = image_without_tag(&image);
+    shared
+        .images
+        .lock()
+        .expect("images lock")
+        .iter()
+        .find(|m| m.image == image_name)
+        .cloned()
+}
+
 /// Builds what runs for `pod`: a mapped program or the echo backend.
 async fn process_spec(
     shared: &Shared,
@@ -608,8 +642,6 @@ async fn process_spec(
     let container = first_container(pod).ok_or_else(|| anyhow!("pod has no container"))?;
     let name = pod.metadata.name.clone().unwrap_or_default();
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-    let image = container.image.clone().unwrap_or_default();
-    let image_name = image_without_tag(&image);
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
@@ -632,19 +664,19 @@ async fn process_spec(
         .map(|p| p.container_port)
         .unwrap_or(8080);
 
-    let mapped = shared
-        .images
-        .lock()
-        .expect("images lock")
-        .iter()
-        .find(|m| m.image == image_name)
-        .cloned();
+    let mapped = mapping_of(shared, pod);
     let (program, args) = match mapped {
         Some(mapped) => {
             let kubeconfig = service_account_kubeconfig(shared, pod).await?;
             let path = shared.logs.join(format!("{namespace}_{name}.kubeconfig"));
             std::fs::write(&path, kubeconfig)?;
             env.insert("KUBECONFIG".into(), path.display().to_string());
+            // Secret and ConfigMap volumes become folders of files; paths
+            // under a mount in env values and args point at them.
+            let mounts = materialize_volumes(shared, pod, container).await?;
+            for value in env.values_mut() {
+                *value = remount(value, &mounts);
+            }
             let mut args: Vec<String> = container
                 .command
                 .iter()
@@ -653,7 +685,10 @@ async fn process_spec(
                 .cloned()
                 .collect();
             args.extend(container.args.iter().flatten().cloned());
-            let args = args.iter().map(|a| expand(a, &env)).collect();
+            let args = args
+                .iter()
+                .map(|a| remount(&expand(a, &env), &mounts))
+                .collect();
             (mapped.program.display().to_string(), args)
         }
         None => {
@@ -731,6 +766,128 @@ fn field_value(pod: &Pod, path: &str, ip: Ipv4Addr) -> String {
         "status.podIP" | "status.podIPs" => ip.to_string(),
         _ => String::new(),
     }
+}
+
+/// Writes the Secret and ConfigMap volumes `container` mounts into a
+/// folder per volume (the keys, or the `items` asked for, as files) and
+/// returns each mount path with its folder, longest first. Processes here
+/// share the host's file system, so a path under a mount is rewritten to
+/// the folder (see [`remount`]).
+async fn materialize_volumes(
+    shared: &Shared,
+    pod: &Pod,
+    container: &k8s_openapi::api::core::v1::Container,
+) -> Result<Vec<(String, PathBuf)>> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    let mut mounts = Vec::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let Some(volume) = volumes.iter().find(|v| v.name == mount.name) else {
+            continue;
+        };
+        let (data, items): (BTreeMap<String, Vec<u8>>, _) = if let Some(secret) = &volume.secret {
+            let secret_name = secret.secret_name.clone().unwrap_or_default();
+            let api: Api<Secret> = Api::namespaced(shared.client.clone(), &namespace);
+            let found = get_eventually(&api, &secret_name)
+                .await
+                .with_context(|| format!("secret volume {}: Secret {secret_name}", volume.name))?;
+            let data = found
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            (data, secret.items.clone())
+        } else if let Some(config_map) = &volume.config_map {
+            let api: Api<ConfigMap> = Api::namespaced(shared.client.clone(), &namespace);
+            let found = get_eventually(&api, &config_map.name)
+                .await
+                .with_context(|| {
+                    format!(
+                        "configMap volume {}: ConfigMap {}",
+                        volume.name, config_map.name
+                    )
+                })?;
+            let data = found
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            (data, config_map.items.clone())
+        } else {
+            continue;
+        };
+        let dir = shared
+            .logs
+            .join(format!("{namespace}_{name}.volumes"))
+            .join(&volume.name);
+        std::fs::create_dir_all(&dir)?;
+        let files: Vec<(String, String)> = match items {
+            Some(items) => items.into_iter().map(|i| (i.key, i.path)).collect(),
+            None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+        };
+        for (key, path) in files {
+            if path.split('/').any(|part| part == ".." || part.is_empty()) {
+                anyhow::bail!("volume {}: item path {path} is not allowed", volume.name);
+            }
+            let Some(bytes) = data.get(&key) else {
+                anyhow::bail!("volume {}: no key {key}", volume.name);
+            };
+            let file = dir.join(&path);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&file, bytes)?;
+        }
+        let base = match &mount.sub_path {
+            Some(sub) if !sub.is_empty() => dir.join(sub),
+            _ => dir,
+        };
+        mounts.push((mount.mount_path.trim_end_matches('/').to_string(), base));
+    }
+    mounts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    Ok(mounts)
+}
+
+/// How long a pod start waits for the Secret or ConfigMap of a volume to
+/// appear (the real kubelet keeps the pod in ContainerCreating meanwhile).
+const VOLUME_SOURCE_WAIT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// `name`, waiting up to [`VOLUME_SOURCE_WAIT`] while it does not exist.
+async fn get_eventually<K>(api: &Api<K>, name: &str) -> Result<K>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + VOLUME_SOURCE_WAIT;
+    loop {
+        match api.get_opt(name).await? {
+            Some(found) => return Ok(found),
+            None if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await
+            }
+            None => anyhow::bail!("not found after {VOLUME_SOURCE_WAIT:?}"),
+        }
+    }
+}
+
+/// `value` with a leading mount path (`/etc/secret-volume/crt`) replaced by
+/// its folder.
+fn remount(value: &str, mounts: &[(String, PathBuf)]) -> String {
+    for (path, dir) in mounts {
+        if let Some(rest) = value.strip_prefix(path.as_str())
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{}{rest}", dir.display());
+        }
+    }
+    value.to_string()
 }
 
 /// A kubeconfig with a bound token of the Pod's ServiceAccount, as the real
@@ -829,6 +986,24 @@ mod tests {
         assert_eq!(expand("$(MISSING)/x", &env), "$(MISSING)/x");
         assert_eq!(expand("$$(POD_IP) $5 $(", &env), "$(POD_IP) $5 $(");
         assert_eq!(expand("plain", &env), "plain");
+    }
+
+    #[test]
+    fn paths_under_a_mount_point_at_its_folder() {
+        let mounts = vec![
+            (
+                "/etc/secret-volume/inner".to_string(),
+                PathBuf::from("/v/b"),
+            ),
+            ("/etc/secret-volume".to_string(), PathBuf::from("/v/a")),
+        ];
+        assert_eq!(remount("/etc/secret-volume/crt", &mounts), "/v/a/crt");
+        assert_eq!(remount("/etc/secret-volume/inner/k", &mounts), "/v/b/k");
+        assert_eq!(
+            remount("/etc/secret-volumes", &mounts),
+            "/etc/secret-volumes"
+        );
+        assert_eq!(remount("1", &mounts), "1");
     }
 
     #[test]

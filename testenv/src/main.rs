@@ -28,6 +28,11 @@ enum Command {
             value_delimiter = ','
         )]
         images: Vec<String>,
+        /// Like --image, and each such pod gets a network namespace of its
+        /// own (for programs that listen on every address, like the
+        /// Gateway API suite's echo-basic).
+        #[arg(long = "own-network-image", value_name = "IMAGE=PROGRAM")]
+        own_network_images: Vec<String>,
         /// Only run pods of these namespaces (default: all).
         #[arg(long = "namespace", env = "TESTENV_NAMESPACES", value_delimiter = ',')]
         namespaces: Vec<String>,
@@ -76,22 +81,34 @@ fn main() -> Result<()> {
         }
         Command::Up {
             images,
+            own_network_images,
             namespaces,
             kubeconfig_out,
             gateway_api,
-        } => runtime.block_on(up(images, namespaces, kubeconfig_out, gateway_api)),
+        } => runtime.block_on(up(
+            images,
+            own_network_images,
+            namespaces,
+            kubeconfig_out,
+            gateway_api,
+        )),
     }
 }
 
 async fn up(
     images: Vec<String>,
+    own_network_images: Vec<String>,
     namespaces: Vec<String>,
     kubeconfig_out: Option<PathBuf>,
     gateway_api: bool,
 ) -> Result<()> {
     let mut config = KubeletConfig::new(std::env::current_exe()?);
     config.namespaces = namespaces;
-    for mapping in images {
+    let mappings = images
+        .iter()
+        .map(|m| (m, false))
+        .chain(own_network_images.iter().map(|m| (m, true)));
+    for (mapping, own_network) in mappings {
         let (image, program) = mapping
             .split_once('=')
             .with_context(|| format!("--image {mapping}: expected IMAGE=PROGRAM"))?;
@@ -100,6 +117,7 @@ async fn up(
         config.images.push(ImageProgram {
             image: image.into(),
             program,
+            own_network,
         });
     }
     let mut control_plane = ControlPlane::start().await?;

@@ -195,6 +195,99 @@ impl PodNetwork {
         .map(drop)
     }
 
+    /// The network namespace of a pod with a namespace of its own.
+    pub fn own_namespace(&self, ip: Ipv4Addr) -> String {
+        format!("{}-p{}", self.namespace(), ip.octets()[3])
+    }
+
+    /// Gives a pod a network namespace of its own, joined to the pod
+    /// network as a node joins its pods: a veth pair, the pod's address on
+    /// its `eth0` with a default route through the pod network, and a /32
+    /// route to it there (forwarding on). For programs that listen on every
+    /// address (`:3000`), which would clash in the shared namespace.
+    pub fn add_own_pod(&self, ip: Ipv4Addr) -> Result<String> {
+        let shared = self.namespace();
+        let own = self.own_namespace(ip);
+        let link = format!("p{}", ip.octets()[3]);
+        let anchor = self.anchor_ip().to_string();
+        let _ = run("ip", &["netns", "del", &own]);
+        run("ip", &["netns", "add", &own])?;
+        run(
+            "ip",
+            &[
+                "-n", &shared, "link", "add", &link, "type", "veth", "peer", "name", "eth0",
+                "netns", &own,
+            ],
+        )?;
+        run("ip", &["-n", &shared, "link", "set", &link, "up"])?;
+        run("ip", &["-n", &own, "link", "set", "lo", "up"])?;
+        run("ip", &["-n", &own, "link", "set", "eth0", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &own,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        run("ip", &["-n", &own, "route", "add", &anchor, "dev", "eth0"])?;
+        run(
+            "ip",
+            &[
+                "-n", &own, "route", "add", "default", "via", &anchor, "dev", "eth0",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &shared,
+                "route",
+                "replace",
+                &format!("{ip}/32"),
+                "dev",
+                &link,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &shared,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        // The host asks for the pod's address on the pod network's link:
+        // answered for the pod, now that the address lives behind a route.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &shared,
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.conf.eth0.proxy_arp=1",
+            ],
+        )?;
+        Ok(own)
+    }
+
+    /// Removes a pod's own network namespace (and so its veth pair and
+    /// route).
+    pub fn remove_own_pod(&self, ip: Ipv4Addr) -> Result<()> {
+        run("ip", &["netns", "del", &self.own_namespace(ip)]).map(drop)
+    }
+
     /// Takes a pod's address away again.
     pub fn remove_pod_ip(&self, ip: Ipv4Addr) -> Result<()> {
         run(

@@ -33,7 +33,7 @@ use super::h1::body::{self, BodyError, Decoder, Encoder, Framing};
 use super::h1::head::{self, Asked, Response, finish_request_head};
 use super::h1::pool::{self, Pool, Upstream};
 use super::state::{Gateway, WorkloadLoad};
-use super::table::{CompiledRoute, HeaderLookup, WorkloadTarget};
+use super::table::{CompiledRoute, HeaderLookup, WorkloadKey, WorkloadTarget};
 use crate::api::Mode;
 
 /// Where an error came from.
@@ -250,6 +250,9 @@ pub enum Entry {
     Routes,
     /// A workload's gateway port: every request is that workload's.
     Port(u16),
+    /// A Gateway API listener at this address: requests are routed by its
+    /// listeners' host names and their HTTPRoutes.
+    Listener(SocketAddr),
 }
 
 /// **Resolve**: the route, workload and counters for a request, or why
@@ -266,6 +269,7 @@ pub(super) fn resolve(
     let found = match entry {
         Entry::Routes => table.route(host, path, method, headers),
         Entry::Port(port) => table.port_route(port),
+        Entry::Listener(local) => table.listener_route(local, host, path, method, headers),
     };
     let Some(route) = found else {
         gateway.metrics.request_without_route();
@@ -275,6 +279,10 @@ pub(super) fn resolve(
                 host.unwrap_or("(none)")
             ),
             Entry::Port(port) => format!("no workload has gateway port {port} any more"),
+            Entry::Listener(local) => format!(
+                "no HTTPRoute on {local} for host {} and path {path}",
+                host.unwrap_or("(none)")
+            ),
         };
         return Err(ProxyError::new(
             StatusCode::NOT_FOUND,
@@ -293,6 +301,14 @@ pub(super) fn resolve(
         .retry_after(1));
     };
     let Some(target) = table.workload(key).cloned() else {
+        if *key == WorkloadKey::unresolved() {
+            return Err(ProxyError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Origin::Gateway,
+                Kind::NoBackend,
+                "this share of the route's traffic goes to a backend that does not resolve",
+            ));
+        }
         return Err(ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Origin::Gateway,

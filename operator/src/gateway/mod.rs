@@ -177,6 +177,27 @@ pub struct GatewayArgs {
     #[arg(long, env = "TANDEM_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
 
+    /// Serve Gateways of GatewayClasses with this `controllerName` (the
+    /// Gateway API implementation is on only with this flag and
+    /// `--gateway-addresses`).
+    #[arg(long, env = "TANDEM_GATEWAY_CONTROLLER_NAME")]
+    pub gateway_controller_name: Option<String>,
+
+    /// Addresses Tandem's Gateways are given, one per Gateway, in order
+    /// (addresses and IPv4 ranges, comma-separated: `10.0.40.0/24`). The
+    /// gateway binds each Gateway's listeners on its address.
+    #[arg(long, env = "TANDEM_GATEWAY_ADDRESSES", value_parser = crate::gatewayapi::parse_addresses)]
+    pub gateway_addresses: Option<crate::gatewayapi::AddressPool>,
+
+    /// The Lease whose holder writes Gateway API status
+    /// (`NAMESPACE/NAME`; namespace default: POD_NAMESPACE, else default).
+    #[arg(
+        long,
+        env = "TANDEM_GATEWAY_STATUS_LEASE",
+        default_value = "tandem-gateway-status"
+    )]
+    pub gateway_status_lease: String,
+
     /// On SIGTERM, in-flight requests get this long to finish.
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -245,12 +266,52 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
             let client = client
                 .clone()
                 .expect("a client when there is no static config");
+            let gateway_api = match (&args.gateway_controller_name, &args.gateway_addresses) {
+                (Some(controller), Some(addresses)) => {
+                    let (views_tx, views) = watch::channel(None);
+                    let (namespace, name) = match args.gateway_status_lease.split_once('/') {
+                        Some((namespace, name)) => (namespace.to_string(), name.to_string()),
+                        None => (
+                            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into()),
+                            args.gateway_status_lease.clone(),
+                        ),
+                    };
+                    let identity = args
+                        .id
+                        .clone()
+                        .or_else(|| std::env::var("POD_NAME").ok())
+                        .unwrap_or_else(|| format!("gateway-{}", std::process::id()));
+                    let lease = crate::leader::LeaseConfig::new(
+                        namespace,
+                        name,
+                        identity,
+                        Duration::from_secs(15),
+                    );
+                    tokio::spawn(crate::gatewayapi::status::run(
+                        client.clone(),
+                        lease,
+                        controller.clone(),
+                        views,
+                    ));
+                    tracing::info!(controller = %controller, addresses = addresses.0.len(), "serving Gateway API");
+                    Some((
+                        source::GatewayApiConfig {
+                            controller: controller.clone(),
+                            addresses: addresses.0.clone(),
+                        },
+                        views_tx,
+                    ))
+                }
+                (None, None) => None,
+                _ => anyhow::bail!("--gateway-controller-name and --gateway-addresses go together"),
+            };
             tokio::spawn(source::run_kubernetes(
                 client,
                 args.namespaces.clone(),
                 args.cluster_domain.clone(),
                 tables_tx,
                 on_ready,
+                gateway_api,
             ));
         }
     }
@@ -330,9 +391,11 @@ pub async fn serve(
     // connection is closed without an answer.
     let refusing = Arc::new(Semaphore::new(256));
     let (ports_tx, mut ports_rx) = mpsc::channel(1024);
-    let ports = gateway
-        .advertise
-        .map(|address| tokio::spawn(port_listeners(address, gateway.tables.clone(), ports_tx)));
+    let ports = Some(tokio::spawn(port_listeners(
+        gateway.advertise,
+        gateway.tables.clone(),
+        ports_tx,
+    )));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer, entry) = tokio::select! {
@@ -420,52 +483,63 @@ async fn refuse(mut stream: TcpStream) {
 type Handed = (std::net::TcpStream, SocketAddr, Entry);
 
 /// Keeps a listener on `address` for each workload port of the routing
-/// table (binding new ones as they appear, closing those that left) and
-/// hands their connections to `accepted`. A port that cannot be bound is
-/// retried every second. Ends when the acceptor is gone (or is aborted).
+/// table, and one for each Gateway API listener address (binding new ones
+/// as they appear, closing those that left), and hands their connections
+/// to `accepted`. An address that cannot be bound is retried every second.
+/// Ends when the acceptor is gone (or is aborted).
 async fn port_listeners(
-    address: std::net::IpAddr,
+    address: Option<std::net::IpAddr>,
     mut tables: watch::Receiver<Arc<RoutingTable>>,
     accepted: mpsc::Sender<(TcpStream, SocketAddr, Entry)>,
 ) {
-    let mut open: std::collections::BTreeMap<u16, tokio::task::JoinHandle<()>> = Default::default();
+    let mut open: std::collections::BTreeMap<SocketAddr, tokio::task::JoinHandle<()>> =
+        Default::default();
     let mut refused = std::collections::BTreeSet::new();
     loop {
-        let wanted = tables.borrow_and_update().ports();
-        open.retain(|port, task| {
-            let keep = wanted.binary_search(port).is_ok();
+        let wanted: std::collections::BTreeMap<SocketAddr, Entry> = {
+            let table = tables.borrow_and_update();
+            let ports = address.into_iter().flat_map(|address| {
+                table
+                    .ports()
+                    .into_iter()
+                    .map(move |port| (SocketAddr::new(address, port), Entry::Port(port)))
+            });
+            let listeners = table
+                .listener_addresses()
+                .into_iter()
+                .map(|at| (at, Entry::Listener(at)));
+            // A Gateway listener's address wins over a workload port.
+            ports.chain(listeners).collect()
+        };
+        open.retain(|at, task| {
+            let keep = wanted.contains_key(at);
             if !keep {
                 task.abort();
             }
             keep
         });
         let mut failing = false;
-        for port in wanted {
-            if open.contains_key(&port) {
+        for (at, entry) in wanted {
+            if open.contains_key(&at) {
                 continue;
             }
-            let at = SocketAddr::new(address, port);
             match TcpListener::bind(at).await {
                 Ok(listener) => {
-                    refused.remove(&port);
-                    tracing::info!(address = %at, "serving a workload port");
+                    refused.remove(&at);
+                    tracing::info!(address = %at, ?entry, "serving");
                     let accepted = accepted.clone();
                     open.insert(
-                        port,
+                        at,
                         tokio::spawn(async move {
                             loop {
                                 match listener.accept().await {
                                     Ok((stream, peer)) => {
-                                        if accepted
-                                            .send((stream, peer, Entry::Port(port)))
-                                            .await
-                                            .is_err()
-                                        {
+                                        if accepted.send((stream, peer, entry)).await.is_err() {
                                             return;
                                         }
                                     }
                                     Err(error) => {
-                                        tracing::warn!(%error, port, "accept");
+                                        tracing::warn!(%error, address = %at, "accept");
                                         tokio::time::sleep(Duration::from_millis(10)).await;
                                     }
                                 }
@@ -475,8 +549,8 @@ async fn port_listeners(
                 }
                 Err(error) => {
                     failing = true;
-                    if refused.insert(port) {
-                        tracing::warn!(address = %at, %error, "cannot serve a workload port; retrying every second");
+                    if refused.insert(at) {
+                        tracing::warn!(address = %at, %error, "cannot listen; retrying every second");
                     }
                 }
             }

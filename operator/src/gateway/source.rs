@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::reflector::Store;
@@ -19,8 +20,11 @@ use kube::runtime::watcher;
 use serde::Deserialize;
 use tokio::sync::{Notify, watch};
 
-use super::table::{RoutingTable, ServiceAccess, WorkloadKey};
+use super::table::{
+    FastMap, ListenerSet, RoutingTable, ServiceAccess, WorkloadKey, WorkloadTarget,
+};
 use crate::api::{HybridApp, labels};
+use crate::gatewayapi::model::{Gateway, GatewayClass, HttpRoute, ReferenceGrant};
 
 /// Ready endpoints of one workload, as written in a static config.
 #[derive(Debug, Clone, Deserialize)]
@@ -103,15 +107,154 @@ pub async fn run_static(
     }
 }
 
+/// Serving Gateways of Tandem's GatewayClasses.
+#[derive(Debug, Clone)]
+pub struct GatewayApiConfig {
+    /// The `controllerName` of Tandem's classes.
+    pub controller: String,
+    /// The addresses Gateways are given, in order.
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// The caches of the Gateway API objects and what they refer to.
+#[derive(Clone)]
+pub struct GatewayApiStores {
+    /// GatewayClasses.
+    pub classes: Store<GatewayClass>,
+    /// Gateways.
+    pub gateways: Store<Gateway>,
+    /// HTTPRoutes.
+    pub routes: Store<HttpRoute>,
+    /// ReferenceGrants.
+    pub grants: Store<ReferenceGrant>,
+    /// Services.
+    pub services: Store<Service>,
+    /// Every EndpointSlice.
+    pub slices: Store<EndpointSlice>,
+    /// TLS Secrets.
+    pub secrets: Store<Secret>,
+    /// Namespaces.
+    pub namespaces: Store<Namespace>,
+}
+
+impl GatewayApiStores {
+    fn spawn(client: &kube::Client, changed: Arc<Notify>) -> Self {
+        fn cluster<K>(client: &kube::Client, changed: Arc<Notify>) -> Store<K>
+        where
+            K: crate::watch::Watched<Scope = k8s_openapi::ClusterResourceScope>,
+        {
+            crate::watch::spawn_cache(
+                Api::<K>::all(client.clone()),
+                watcher::Config::default(),
+                move |_| {
+                    changed.notify_one();
+                    std::future::ready(())
+                },
+            )
+        }
+        let config = watcher::Config::default;
+        Self {
+            classes: cluster(client, changed.clone()),
+            namespaces: cluster(client, changed.clone()),
+            gateways: spawn_cache(client, None, config(), changed.clone()),
+            routes: spawn_cache(client, None, config(), changed.clone()),
+            grants: spawn_cache(client, None, config(), changed.clone()),
+            services: spawn_cache(client, None, config(), changed.clone()),
+            slices: spawn_cache(client, None, config(), changed.clone()),
+            secrets: spawn_cache(
+                client,
+                None,
+                config().fields("type=kubernetes.io/tls"),
+                changed,
+            ),
+        }
+    }
+
+    async fn listed(&self) -> bool {
+        crate::watch::listed(&self.classes).await
+            && crate::watch::listed(&self.namespaces).await
+            && crate::watch::listed(&self.gateways).await
+            && crate::watch::listed(&self.routes).await
+            && crate::watch::listed(&self.grants).await
+            && crate::watch::listed(&self.services).await
+            && crate::watch::listed(&self.slices).await
+            && crate::watch::listed(&self.secrets).await
+    }
+}
+
+/// What the Gateway API objects came to at one moment: for the status
+/// writer.
+pub struct GatewayApiView {
+    /// The objects.
+    pub stores: GatewayApiStores,
+    /// What was computed from them.
+    pub outcome: crate::gatewayapi::attach::Outcome,
+}
+
+fn owned<K: Clone>(store: &Store<K>) -> Vec<K>
+where
+    K: kube::runtime::reflector::Lookup + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store.state().iter().map(|o| (**o).clone()).collect()
+}
+
+/// Computes attachment and status from the Gateway API caches, and the
+/// listeners and backend targets they add to the routing table.
+fn gateway_api_view(
+    config: &GatewayApiConfig,
+    stores: &GatewayApiStores,
+) -> (
+    GatewayApiView,
+    FastMap<std::net::SocketAddr, Arc<ListenerSet>>,
+    Vec<WorkloadTarget>,
+) {
+    let (classes, gateways, routes, grants) = (
+        owned(&stores.classes),
+        owned(&stores.gateways),
+        owned(&stores.routes),
+        owned(&stores.grants),
+    );
+    let (services, secrets, namespaces) = (
+        owned(&stores.services),
+        owned(&stores.secrets),
+        owned(&stores.namespaces),
+    );
+    let outcome = crate::gatewayapi::attach::compute(&crate::gatewayapi::attach::World {
+        controller: &config.controller,
+        classes: &classes,
+        gateways: &gateways,
+        routes: &routes,
+        grants: &grants,
+        services: &services,
+        secrets: &secrets,
+        namespaces: &namespaces,
+        addresses: &config.addresses,
+    });
+    let slices = stores.slices.state();
+    let (listeners, targets) = crate::gatewayapi::serve::compile(&outcome, &services, &slices);
+    (
+        GatewayApiView {
+            stores: stores.clone(),
+            outcome,
+        },
+        listeners,
+        targets,
+    )
+}
+
 /// Watches HybridApps and EndpointSlices (in `namespaces`, or all when
 /// empty) and publishes a new table after every change. Calls `on_synced`
-/// once both have been listed.
+/// once both have been listed. With `gateway_api`, it also watches the
+/// Gateway API objects, adds Tandem's Gateways to the table and publishes
+/// what they came to on `views`.
 pub async fn run_kubernetes(
     client: kube::Client,
     namespaces: Vec<String>,
     cluster_domain: String,
     tables: watch::Sender<Arc<RoutingTable>>,
     on_synced: impl FnOnce() + Send,
+    gateway_api: Option<(GatewayApiConfig, watch::Sender<Option<Arc<GatewayApiView>>>)>,
 ) {
     let changed = Arc::new(Notify::new());
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
@@ -143,9 +286,15 @@ pub async fn run_kubernetes(
             changed.clone(),
         ));
     }
+    let gateway_stores = gateway_api
+        .as_ref()
+        .map(|_| GatewayApiStores::spawn(&client, changed.clone()));
     // Wait until every cache has listed (polling: see the controller).
     loop {
         let mut all = true;
+        if let Some(stores) = &gateway_stores {
+            all &= stores.listed().await;
+        }
         for store in &app_stores {
             all &= crate::watch::listed(store).await;
         }
@@ -169,11 +318,13 @@ pub async fn run_kubernetes(
             cluster_domain: cluster_domain.clone(),
             ports: gateway_ports(&slices),
         };
-        tables.send_replace(Arc::new(RoutingTable::build_with(
-            &apps,
-            &ready_endpoints(&slices),
-            &access,
-        )));
+        let mut table = RoutingTable::build_with(&apps, &ready_endpoints(&slices), &access);
+        if let (Some((config, views)), Some(stores)) = (&gateway_api, &gateway_stores) {
+            let (view, listeners, targets) = gateway_api_view(config, stores);
+            table = table.with_listeners(listeners, targets);
+            views.send_replace(Some(Arc::new(view)));
+        }
+        tables.send_replace(Arc::new(table));
         if let Some(done) = on_synced.take() {
             tracing::info!(apps = apps.len(), "watches synced; routing table built");
             done();

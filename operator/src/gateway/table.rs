@@ -38,6 +38,28 @@ pub struct WorkloadKey {
     pub workload: String,
 }
 
+impl WorkloadKey {
+    /// A plain Service port that an HTTPRoute names (no HybridApp: the app
+    /// is empty, the workload is `name:port`).
+    pub fn service(namespace: &str, name: &str, port: i32) -> Self {
+        Self {
+            namespace: namespace.into(),
+            app: String::new(),
+            workload: format!("{name}:{port}"),
+        }
+    }
+
+    /// The backend of an HTTPRoute's share that does not resolve: its
+    /// requests are answered 500, as Gateway API asks.
+    pub fn unresolved() -> Self {
+        Self {
+            namespace: String::new(),
+            app: String::new(),
+            workload: String::new(),
+        }
+    }
+}
+
 impl std::fmt::Display for WorkloadKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.namespace, self.app, self.workload)
@@ -107,6 +129,9 @@ pub struct CompiledRoute {
     pub measured: bool,
     /// Where its weighted picks stand.
     pub rolls: super::balance::Rolls,
+    /// Breaks ties between equally specific routes before their names
+    /// (HTTPRoutes: the route's age rank and the rule's position).
+    pub tie: u32,
 }
 
 impl CompiledRoute {
@@ -122,6 +147,7 @@ impl CompiledRoute {
             std::cmp::Reverse(prefix_len),
             std::cmp::Reverse(self.headers.len()),
             std::cmp::Reverse(!self.methods.is_empty()),
+            self.tie,
             self.namespace.clone(),
             self.app.clone(),
             self.name.clone(),
@@ -185,6 +211,85 @@ pub struct RoutingTable {
     by_port: FastMap<u16, Arc<CompiledRoute>>,
     /// The apps in the table and their generations, sorted.
     programmed: Vec<crate::protocol::Programmed>,
+    /// Gateway API listeners, by the address and port they serve.
+    listeners: FastMap<SocketAddr, Arc<ListenerSet>>,
+}
+
+/// The routes of one Gateway API listener, by host name: a request takes
+/// the most specific name that matches its host (exact, then the longest
+/// wildcard, then the routes for any host) and only that name's routes,
+/// as a virtual host.
+#[derive(Debug, Default)]
+pub struct VirtualHosts {
+    /// Exact names.
+    pub exact: FastMap<String, Vec<Arc<CompiledRoute>>>,
+    /// Wildcards, by suffix (`.example.com`), longest first.
+    pub wildcard: Vec<(String, Vec<Arc<CompiledRoute>>)>,
+    /// Routes for any host.
+    pub any: Vec<Arc<CompiledRoute>>,
+}
+
+impl VirtualHosts {
+    /// Sorts every list by specificity, and the wildcards longest first.
+    pub fn seal(&mut self) {
+        for routes in self.exact.values_mut() {
+            routes.sort_by_key(|r| r.specificity());
+        }
+        for (_, routes) in &mut self.wildcard {
+            routes.sort_by_key(|r| r.specificity());
+        }
+        self.wildcard
+            .sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        self.any.sort_by_key(|r| r.specificity());
+    }
+
+    fn candidates(&self, host: &str) -> &[Arc<CompiledRoute>] {
+        if let Some(routes) = self.exact.get(host) {
+            return routes;
+        }
+        for (suffix, routes) in &self.wildcard {
+            if host.len() > suffix.len() && host.ends_with(suffix.as_str()) {
+                return routes;
+            }
+        }
+        &self.any
+    }
+}
+
+/// The listeners of one address and port: a request takes the listener
+/// whose host name matches its host most specifically.
+#[derive(Debug, Default)]
+pub struct ListenerSet {
+    /// Listeners by host name (none: any), most specific first.
+    pub listeners: Vec<(Option<String>, VirtualHosts)>,
+}
+
+impl ListenerSet {
+    /// Adds a listener's routes.
+    pub fn push(&mut self, hostname: Option<String>, hosts: VirtualHosts) {
+        self.listeners.push((hostname, hosts));
+        self.listeners.sort_by_key(|(name, _)| match name {
+            Some(name) => (false, crate::gatewayapi::hostname::specificity(name)),
+            None => (true, (true, 0)),
+        });
+    }
+
+    fn route(
+        &self,
+        host: &str,
+        path: &str,
+        method: &str,
+        headers: &(impl HeaderLookup + ?Sized),
+    ) -> Option<&Arc<CompiledRoute>> {
+        let (_, hosts) = self.listeners.iter().find(|(name, _)| {
+            name.as_deref()
+                .is_none_or(|n| crate::gatewayapi::hostname::matches(n, host))
+        })?;
+        hosts
+            .candidates(host)
+            .iter()
+            .find(|r| r.path.matches(path) && r.accepts(method, headers))
+    }
 }
 
 /// How workloads are reached as themselves (see the module docs).
@@ -266,6 +371,7 @@ impl RoutingTable {
                     total_weight: 1,
                     measured: false,
                     rolls: Default::default(),
+                    tie: 0,
                 });
                 if workload.through_gateway() {
                     let qualified = format!("{service}.{namespace}");
@@ -335,6 +441,7 @@ impl RoutingTable {
                     backends,
                     measured: route.migration.is_some(),
                     rolls: Default::default(),
+                    tie: 0,
                 });
                 if host_specific {
                     for host in &app.spec.hosts {
@@ -375,6 +482,44 @@ impl RoutingTable {
             }
         }
         table
+    }
+
+    /// Adds Gateway API listeners and the targets of their backends.
+    pub fn with_listeners(
+        mut self,
+        listeners: FastMap<SocketAddr, Arc<ListenerSet>>,
+        targets: Vec<WorkloadTarget>,
+    ) -> Self {
+        self.listeners = listeners;
+        for target in targets {
+            self.workloads
+                .entry(target.key.clone())
+                .or_insert_with(|| Arc::new(target));
+        }
+        self
+    }
+
+    /// The addresses of the Gateway API listeners, sorted.
+    pub fn listener_addresses(&self) -> Vec<SocketAddr> {
+        let mut addresses: Vec<SocketAddr> = self.listeners.keys().copied().collect();
+        addresses.sort_unstable();
+        addresses
+    }
+
+    /// The best route for a request that came in on the Gateway API
+    /// listener at `local`.
+    pub fn listener_route(
+        &self,
+        local: SocketAddr,
+        host: Option<&str>,
+        path: &str,
+        method: &str,
+        headers: &(impl HeaderLookup + ?Sized),
+    ) -> Option<&Arc<CompiledRoute>> {
+        let host = host.map(normalize_host).unwrap_or_default();
+        self.listeners
+            .get(&local)?
+            .route(&host, path, method, headers)
     }
 
     /// The apps this table serves, with their generations, sorted.

@@ -598,8 +598,8 @@ fn assign_addresses(world: &World<'_>, ours: &[&Gateway]) -> HashMap<Key, IpAddr
         let previous = gateway
             .status
             .iter()
-            .flat_map(|s| s.addresses.iter())
-            .filter_map(|a| a.value.as_deref()?.parse::<IpAddr>().ok())
+            .flat_map(|s| s["addresses"].as_array().into_iter().flatten())
+            .filter_map(|a| a["value"].as_str()?.parse::<IpAddr>().ok())
             .find(|ip| world.addresses.contains(ip) && !taken.contains_key(ip));
         if let Some(ip) = previous {
             taken.insert(ip, key.clone());

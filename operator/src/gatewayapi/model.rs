@@ -48,6 +48,9 @@ pub struct GatewayClass {
     /// Spec.
     #[serde(default)]
     pub spec: GatewayClassSpec,
+    /// Status, as last written.
+    #[serde(default)]
+    pub status: Option<serde_json::Value>,
 }
 resource!(
     GatewayClass,
@@ -78,9 +81,9 @@ pub struct Gateway {
     /// Spec.
     #[serde(default)]
     pub spec: GatewaySpec,
-    /// Status, as last written (only its addresses are read back).
+    /// Status, as last written.
     #[serde(default)]
-    pub status: Option<GatewayStatusRead>,
+    pub status: Option<serde_json::Value>,
 }
 resource!(
     Gateway,
@@ -117,14 +120,6 @@ pub struct AddressRequest {
     /// The address (empty: any of that type).
     #[serde(default)]
     pub value: Option<String>,
-}
-
-/// The part of a Gateway's status read back.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct GatewayStatusRead {
-    /// Addresses it was given.
-    #[serde(default)]
-    pub addresses: Vec<AddressRequest>,
 }
 
 /// One listener of a Gateway.

@@ -199,6 +199,7 @@ async fn helm_install_runs_the_operator_and_gateway_as_pods_and_uninstall_leaves
     env.kubelet.map_image(ImageProgram {
         image: IMAGE.into(),
         program: PathBuf::from(env!("CARGO_BIN_EXE_tandem")),
+        own_network: false,
     });
     let release_ns = TestNamespace::create("chart").await;
     let apps_ns = TestNamespace::create("chart-apps").await;
