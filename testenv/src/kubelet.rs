@@ -852,7 +852,7 @@ async fn materialize_volumes(
         };
         mounts.push((mount.mount_path.trim_end_matches('/').to_string(), base));
     }
-    mounts.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
     Ok(mounts)
 }
 

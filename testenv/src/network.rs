@@ -253,32 +253,10 @@ impl PodNetwork {
                 &link,
             ],
         )?;
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &shared,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
-            ],
-        )?;
+        sysctl(&shared, "net.ipv4.ip_forward=1")?;
         // The host asks for the pod's address on the pod network's link:
         // answered for the pod, now that the address lives behind a route.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &shared,
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.conf.eth0.proxy_arp=1",
-            ],
-        )?;
+        sysctl(&shared, "net.ipv4.conf.eth0.proxy_arp=1")?;
         Ok(own)
     }
 
@@ -331,6 +309,11 @@ impl PodNetwork {
         let _ = run("ip", &["netns", "del", &self.namespace()]);
         let _ = run("ip", &["link", "del", &self.host_link()]);
     }
+}
+
+/// Sets a kernel parameter inside the network namespace `ns`.
+fn sysctl(ns: &str, setting: &str) -> Result<()> {
+    run("ip", &["netns", "exec", ns, "sysctl", "-q", "-w", setting]).map(drop)
 }
 
 impl Drop for PodNetwork {

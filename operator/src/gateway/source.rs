@@ -191,9 +191,9 @@ pub struct GatewayApiView {
     pub outcome: crate::gatewayapi::attach::Outcome,
 }
 
-fn owned<K: Clone>(store: &Store<K>) -> Vec<K>
+fn owned<K>(store: &Store<K>) -> Vec<K>
 where
-    K: kube::runtime::reflector::Lookup + 'static,
+    K: Clone + kube::runtime::reflector::Lookup + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     store.state().iter().map(|o| (**o).clone()).collect()

@@ -387,3 +387,91 @@ fn a_gateway_keeps_its_address_and_the_pool_bounds_how_many_are_served() {
     );
     assert_eq!(outcome.gateways.len(), 2);
 }
+
+#[test]
+fn requests_take_the_most_specific_listener_and_host_then_route_precedence() {
+    use crate::gateway::table::RoutingTable;
+    let mut cluster = Cluster::new()
+        .gateway(
+            "edge",
+            json!([
+                {"name": "any", "port": 80, "protocol": "HTTP", "allowedRoutes": {"namespaces": {"from": "All"}}},
+                {"name": "wild", "port": 80, "protocol": "HTTP", "hostname": "*.example.com", "allowedRoutes": {"namespaces": {"from": "All"}}}
+            ]),
+        )
+        .route(
+            "apps",
+            "exact-host",
+            json!({"parentRefs": [{"name": "edge", "namespace": "infra", "sectionName": "wild"}], "hostnames": ["a.example.com"],
+                   "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": [{"name": "web", "port": 8080}]}]}),
+        )
+        .route(
+            "apps",
+            "wild-host",
+            json!({"parentRefs": [{"name": "edge", "namespace": "infra", "sectionName": "wild"}],
+                   "rules": [{"matches": [{"path": {"type": "Exact", "value": "/x"}}], "backendRefs": [{"name": "web", "port": 8080}]},
+                             {"matches": [{"path": {"type": "PathPrefix", "value": "/"}, "headers": [{"name": "X-Beta", "value": "1"}]}], "backendRefs": [{"name": "gone", "port": 80}]}]}),
+        )
+        .route(
+            "apps",
+            "fallback",
+            json!({"parentRefs": [{"name": "edge", "namespace": "infra", "sectionName": "any"}],
+                   "rules": [{"backendRefs": [{"name": "web", "port": 8080, "weight": 0}]}]}),
+        );
+    cluster.services[0] = from(json!({"metadata": {"name": "web", "namespace": "apps"},
+        "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": 3000}]}}));
+    let slices: Vec<std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>> = vec![
+        std::sync::Arc::new(from(json!({
+            "metadata": {"name": "web-1", "namespace": "apps", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 3000}],
+            "endpoints": [{"addresses": ["10.0.0.7"], "conditions": {"ready": true}}, {"addresses": ["10.0.0.8"], "conditions": {"ready": false}}]
+        }))),
+    ];
+    let outcome = cluster.compute();
+    let (listeners, targets) = super::serve::compile(&outcome, &cluster.services, &slices);
+    let table = RoutingTable::default().with_listeners(listeners, targets);
+    let at: std::net::SocketAddr = "127.0.10.1:80".parse().unwrap();
+    assert_eq!(table.listener_addresses(), vec![at]);
+    let route = |host: &str, path: &str, headers: &[(&str, &str)]| {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        table
+            .listener_route(at, Some(host), path, "GET", &map)
+            .map(|r| (r.name.clone(), r.backends.clone()))
+    };
+    let web = crate::gateway::table::WorkloadKey::service("apps", "web", 8080);
+    // An exact host name is its own virtual host: the wildcard's routes
+    // are not considered for it.
+    assert_eq!(
+        route("a.example.com", "/x", &[]).unwrap().0,
+        "httproute:exact-host/0"
+    );
+    // Under the wildcard: exact path first, then more headers.
+    assert_eq!(
+        route("b.example.com", "/x", &[("x-beta", "1")]).unwrap().0,
+        "httproute:wild-host/0"
+    );
+    let beta = route("b.example.com", "/y", &[("x-beta", "1")]).unwrap();
+    assert_eq!(
+        beta.1,
+        vec![(crate::gateway::table::WorkloadKey::unresolved(), 1)]
+    );
+    assert_eq!(route("b.example.com", "/y", &[]), None);
+    // Another host takes the listener without a host name; a rule whose
+    // every weight is 0 answers 500.
+    let fallback = route("other.test", "/", &[]).unwrap();
+    assert_eq!(fallback.0, "httproute:fallback/0");
+    assert_eq!(
+        fallback.1,
+        vec![(crate::gateway::table::WorkloadKey::unresolved(), 1)]
+    );
+    // The Service's target: its ready endpoints on the slice's port.
+    let target = table.workload(&web).expect("web target");
+    assert_eq!(target.endpoints, vec!["10.0.0.7:3000".parse().unwrap()]);
+}
