@@ -250,3 +250,78 @@ where
         Ok(Ok(()))
     )
 }
+
+/// The objects of a reflected watch stream (one that has passed through
+/// `reflect`), each once its store holds it: an `Apply` at once, the
+/// objects of a (re)list only at its `InitDone`, when the store has swapped
+/// in the new list. A controller that reconciled an `InitApply` at once
+/// could look its object up before the store had it, find nothing, and drop
+/// the request: after a relist (a watch that expired), an object created
+/// while the watch was down would then wait for its next change.
+pub fn stored_objects<K, S>(events: S) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    events
+        .scan(Vec::new(), |listed, event| {
+            let out: Vec<Result<K, watcher::Error>> = match event {
+                Ok(watcher::Event::Apply(object)) => vec![Ok(object)],
+                Ok(watcher::Event::Init) => {
+                    listed.clear();
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitApply(object)) => {
+                    listed.push(object);
+                    Vec::new()
+                }
+                Ok(watcher::Event::InitDone) => {
+                    std::mem::take(listed).into_iter().map(Ok).collect()
+                }
+                Ok(watcher::Event::Delete(_)) => Vec::new(),
+                Err(error) => vec![Err(error)],
+            };
+            std::future::ready(Some(futures::stream::iter(out)))
+        })
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    fn named(name: &str) -> ConfigMap {
+        let mut object = ConfigMap::default();
+        object.metadata.name = Some(name.into());
+        object.metadata.namespace = Some("ns".into());
+        object
+    }
+
+    /// Every object handed on is already in the store, also in a relist.
+    #[tokio::test]
+    async fn listed_objects_are_handed_on_once_the_store_has_them() {
+        let (store, writer) = reflector::store::<ConfigMap>();
+        let events = futures::stream::iter(vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(named("a"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(named("b"))),
+            // The watch expired: a relist, with "c" created meanwhile.
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(named("a"))),
+            Ok(watcher::Event::InitApply(named("c"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Delete(named("a"))),
+        ]);
+        let mut objects = Box::pin(stored_objects(events.reflect(writer)));
+        let mut seen = Vec::new();
+        while let Some(object) = objects.next().await {
+            let object = object.unwrap();
+            let key = ObjectRef::from_obj(&object);
+            assert!(store.get(&key).is_some(), "{key} handed on before stored");
+            seen.push(object.metadata.name.unwrap());
+        }
+        assert_eq!(seen, ["a", "b", "a", "c"]);
+    }
+}

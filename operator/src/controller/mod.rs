@@ -12,7 +12,7 @@ pub mod metrics;
 pub mod ports;
 pub mod status;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -217,28 +217,56 @@ fn spawn_child_cache<K>(
 where
     K: crate::watch::Watched + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
 {
+    // Owners of a relist's children are asked for at its end, once the
+    // cache holds the new list (asked at each InitApply, the reconcile could
+    // read the old list), together with the owners known before it: a child
+    // deleted while the watch was down vanishes in the relist without an
+    // event of its own.
+    let mut listing: HashSet<ObjectRef<HybridApp>> = HashSet::new();
+    let mut known: HashSet<ObjectRef<HybridApp>> = HashSet::new();
     crate::watch::spawn_cache(
         scoped::<K>(client, namespace),
         config.clone(),
         move |event| {
-            let owners = owners.clone();
-            async move {
-                let child = match event {
-                    watcher::Event::Apply(child)
-                    | watcher::Event::InitApply(child)
-                    | watcher::Event::Delete(child) => child,
-                    watcher::Event::Init | watcher::Event::InitDone => return,
-                };
+            let owners_of = |child: &K| -> Vec<ObjectRef<HybridApp>> {
                 let namespace = child.meta().namespace.clone().unwrap_or_default();
-                for owner in child
+                child
                     .owner_references()
                     .iter()
                     .filter(|o| o.kind == "HybridApp" && o.controller == Some(true))
-                {
+                    .map(|o| ObjectRef::new(&o.name).within(&namespace))
+                    .collect()
+            };
+            let send: Vec<ObjectRef<HybridApp>> = match &event {
+                watcher::Event::Apply(child) | watcher::Event::Delete(child) => {
+                    let owners = owners_of(child);
+                    known.extend(owners.iter().cloned());
+                    owners
+                }
+                watcher::Event::Init => {
+                    listing.clear();
+                    Vec::new()
+                }
+                watcher::Event::InitApply(child) => {
+                    listing.extend(owners_of(child));
+                    Vec::new()
+                }
+                watcher::Event::InitDone => {
+                    let before = std::mem::replace(&mut known, std::mem::take(&mut listing));
+                    known
+                        .iter()
+                        .cloned()
+                        .chain(before)
+                        .collect::<HashSet<_>>()
+                        .into_iter()
+                        .collect()
+                }
+            };
+            let owners = owners.clone();
+            async move {
+                for owner in send {
                     // Fails only once the controller is gone (shutdown).
-                    let _ = owners
-                        .send(ObjectRef::new(&owner.name).within(&namespace))
-                        .await;
+                    let _ = owners.send(owner).await;
                 }
             }
         },
@@ -323,15 +351,16 @@ pub async fn run(
         let (recorder, unreadable) = (warn.clone(), unreadable.clone());
         tokio::spawn(async move { report_unreadable(&recorder, &unreadable).await });
     });
-    let app_events = crate::watch::tolerant_events::<HybridApp>(
-        &client,
-        namespace,
-        watcher::Config::default(),
-        apps.clone(),
-        on_unreadable,
-    )
-    .reflect(writer)
-    .applied_objects();
+    let app_events = crate::watch::stored_objects(
+        crate::watch::tolerant_events::<HybridApp>(
+            &client,
+            namespace,
+            watcher::Config::default(),
+            apps.clone(),
+            on_unreadable,
+        )
+        .reflect(writer),
+    );
     let controller = Controller::for_stream(app_events, apps.clone())
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .reconcile_on(owner_events)

@@ -225,6 +225,8 @@ pub struct RequestLine<'a> {
     pub connection_named: &'a [&'a [u8]],
     /// A websocket handshake: `Upgrade: websocket` goes on.
     pub websocket: bool,
+    /// The route's edits of the request's headers.
+    pub edits: Option<&'a super::filters::HeaderEdits>,
 }
 
 /// Writes the request line and headers for the upstream into `out`
@@ -249,7 +251,11 @@ pub fn write_request_head(
     headers.each(
         &mut |name, value| match disposition(name, peer, line.connection_named) {
             Disposition::Drop => {}
-            Disposition::Forward => push_header(out, name.as_bytes(), value),
+            Disposition::Forward => {
+                if !line.edits.is_some_and(|e| e.drops(name)) {
+                    push_header(out, name.as_bytes(), value)
+                }
+            }
             Disposition::ForwardedFor => {
                 forwarded_for.extend_from_slice(value);
                 forwarded_for.extend_from_slice(b", ");
@@ -268,6 +274,9 @@ pub fn write_request_head(
             }
         },
     );
+    if let Some(edits) = line.edits {
+        edits.each_written(|name, value| push_header(out, name.as_bytes(), value));
+    }
     if line.websocket {
         push_header(out, b"connection", b"upgrade");
         push_header(out, b"upgrade", b"websocket");
@@ -313,6 +322,7 @@ mod tests {
                 host: Some(b"shop"),
                 connection_named: named,
                 websocket: false,
+                edits: None,
             },
             &parsed[..],
             &Peer {

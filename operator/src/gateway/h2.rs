@@ -73,8 +73,14 @@ impl hyper::body::Body for ResponseBody {
 fn error_response(error: &ProxyError) -> http::Response<ResponseBody> {
     let mut response = http::Response::builder()
         .status(error.status)
-        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header("x-tandem-error", error.origin.as_str());
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
+    response = match &error.location {
+        Some(location) => match HeaderValue::from_str(location) {
+            Ok(location) => response.header(http::header::LOCATION, location),
+            Err(_) => response.status(http::StatusCode::INTERNAL_SERVER_ERROR),
+        },
+        None => response.header("x-tandem-error", error.origin.as_str()),
+    };
     if let Some(seconds) = error.retry_after {
         response = response.header(http::header::RETRY_AFTER, seconds);
     }
@@ -306,6 +312,7 @@ async fn handle(
         entry,
         host,
         parts.uri.path(),
+        parts.uri.query(),
         parts.method.as_str(),
         &parts.headers,
     ) {
@@ -325,14 +332,20 @@ async fn handle(
     // HTTP/2 may split cookies into several fields; HTTP/1.1 wants one
     // (RFC 9113, section 8.2.3).
     let headers = join_cookies(&parts.headers);
+    let route = &resolved.route;
+    let filters = route.filters.as_deref();
+    let rewrite = filters.and_then(|f| f.rewrite.as_ref());
+    let rewritten = rewrite.and_then(|r| r.target(&route.path, target));
+    let host = rewrite.and_then(|r| r.hostname.as_deref()).or(host);
     forwarding::write_request_head(
         &mut upstream_head,
         &RequestLine {
             method: parts.method.as_str(),
-            target,
+            target: rewritten.as_deref().unwrap_or(target),
             host: host.map(str::as_bytes),
             connection_named: &[],
             websocket: false,
+            edits: filters.map(|f| &f.request),
         },
         headers.as_ref().unwrap_or(&parts.headers),
         &forwarding,

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Duration, Instant};
 
 use super::balance::{InFlight, pick_weighted};
+use super::forwarding::push_header;
 use super::h1::body::{self, BodyError, Decoder, Encoder, Framing};
 use super::h1::head::{self, Asked, Response, finish_request_head};
 use super::h1::pool::{self, Pool, Upstream};
@@ -99,6 +100,8 @@ pub enum Kind {
     Overloaded,
     /// A feature the gateway does not offer.
     Unsupported,
+    /// Not an error: the route answers with a redirect.
+    Redirect,
 }
 
 impl Kind {
@@ -124,6 +127,7 @@ impl Kind {
             Kind::UpstreamStalled => "upstream_stalled",
             Kind::Overloaded => "overloaded",
             Kind::Unsupported => "unsupported",
+            Kind::Redirect => "redirect",
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct ProxyError {
     pub message: String,
     /// Seconds for `Retry-After`.
     pub retry_after: Option<u64>,
+    /// A redirect's `Location` (the answer is then not an error).
+    pub location: Option<String>,
 }
 
 /// Status recorded for a request whose client left before its answer (no
@@ -165,6 +171,25 @@ impl ProxyError {
             retry_safe: false,
             message: message.into(),
             retry_after: None,
+            location: None,
+        }
+    }
+
+    /// A redirect to `location` with `status` (a 3xx), which a route's
+    /// RequestRedirect filter answers.
+    pub fn redirect(status: u16, location: String) -> Self {
+        let status = StatusCode::from_u16(status)
+            .ok()
+            .filter(|s| s.is_redirection())
+            .unwrap_or(StatusCode::FOUND);
+        Self {
+            message: format!("redirected to {location}"),
+            location: Some(location),
+            retry_safe: false,
+            retry_after: None,
+            status,
+            origin: Origin::Gateway,
+            kind: Kind::Redirect,
         }
     }
 
@@ -183,12 +208,15 @@ impl ProxyError {
         use std::io::Write as _;
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-tandem-error: {}\r\ncontent-length: {}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
             self.status.as_u16(),
             self.status.canonical_reason().unwrap_or(""),
-            self.origin.as_str(),
             self.message.len() + 1,
         );
+        match &self.location {
+            Some(location) => push_header(out, b"location", location.as_bytes()),
+            None => push_header(out, b"x-tandem-error", self.origin.as_str().as_bytes()),
+        }
         if let Some(seconds) = self.retry_after {
             let _ = write!(out, "retry-after: {seconds}\r\n");
         }
@@ -262,6 +290,7 @@ pub(super) fn resolve(
     entry: Entry,
     host: Option<&str>,
     path: &str,
+    query: Option<&str>,
     method: &str,
     headers: &(impl HeaderLookup + ?Sized),
 ) -> Result<Resolved, ProxyError> {
@@ -291,6 +320,25 @@ pub(super) fn resolve(
             message,
         ));
     };
+    if let Some(redirect) = route.filters.as_ref().and_then(|f| f.redirect.as_ref()) {
+        let (scheme, port) = match entry {
+            Entry::Listener(local) if table.listener_tls(local) => ("https", local.port()),
+            Entry::Listener(local) => ("http", local.port()),
+            // HybridApp routes have no filters; never reached.
+            Entry::Routes | Entry::Port(_) => ("http", 80),
+        };
+        let location = redirect.location(
+            &route.path,
+            &super::filters::Asked {
+                scheme,
+                host,
+                port,
+                path,
+                query,
+            },
+        );
+        return Err(ProxyError::redirect(redirect.status, location));
+    }
     let Some(key) = pick_weighted(&route.backends, route.rolls.next(route.total_weight)) else {
         return Err(ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -325,6 +373,11 @@ pub(super) fn resolve(
         target,
         load,
     })
+}
+
+/// The route a resolved request takes (none for a refused one).
+pub(super) fn routed(resolved: &Result<Resolved, ProxyError>) -> Option<&CompiledRoute> {
+    resolved.as_ref().ok().map(|r| &*r.route)
 }
 
 /// A parsed request, ready to be proxied.
@@ -386,6 +439,9 @@ pub(super) async fn proxy<D: Downstream>(
 
 /// Counts a failed request in the error metrics.
 pub(super) fn observe_failure(gateway: &Gateway, error: &ProxyError) {
+    if error.kind == Kind::Redirect {
+        return;
+    }
     gateway
         .metrics
         .error(error.origin.as_str(), error.kind.as_str());
@@ -424,7 +480,11 @@ async fn exchange<D: Downstream>(
 ) -> Result<StatusCode, ProxyError> {
     let settings = &gateway.settings;
     let resolved = &request.resolved;
-    let deadline = request.started + resolved.target.request_timeout;
+    let deadline = request.started
+        + resolved
+            .route
+            .timeout
+            .unwrap_or(resolved.target.request_timeout);
 
     // Admit: the declared size is checked before the request may take a
     // place in a queue, signal demand or count as a cold start.
@@ -854,7 +914,13 @@ async fn attempt<D: Downstream>(
     let wait_until = head_by.min(deadline);
     let mut interim = 0;
     loop {
-        let parsed = head::parse_response(&upstream.buf, request.asked, |response| {
+        let edits = request
+            .resolved
+            .route
+            .filters
+            .as_deref()
+            .map(|f| &f.response);
+        let parsed = head::parse_response(&upstream.buf, request.asked, edits, |response| {
             match response.head.status {
                 // The gateway answered the client's Expect itself.
                 100 => {}
@@ -1050,15 +1116,21 @@ impl Drop for Held<'_> {
 
 /// Moves bytes both ways between `a` and `b` until either side closes or
 /// fails, or neither sends anything for `idle`.
-pub(super) async fn splice(a: &mut TcpStream, b: &mut TcpStream, idle: Duration) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+pub(super) async fn splice<A>(a: &mut A, b: &mut TcpStream, idle: Duration)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     let base = Instant::now();
     let last = AtomicU64::new(0);
     let touch = || last.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
-    let (mut a_read, mut a_write) = a.split();
+    let (mut a_read, mut a_write) = tokio::io::split(a);
     let (mut b_read, mut b_write) = b.split();
-    let one_way = async |from: &mut tokio::net::tcp::ReadHalf<'_>,
-                         to: &mut tokio::net::tcp::WriteHalf<'_>| {
+    async fn one_way(
+        from: &mut (impl AsyncRead + Unpin),
+        to: &mut (impl AsyncWrite + Unpin),
+        touch: &(impl Fn() + ?Sized),
+    ) {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match from.read(&mut buf).await {
@@ -1070,11 +1142,15 @@ pub(super) async fn splice(a: &mut TcpStream, b: &mut TcpStream, idle: Duration)
                     if to.write_all(&buf[..n]).await.is_err() {
                         return;
                     }
+                    // A TLS side holds records until flushed.
+                    if to.flush().await.is_err() {
+                        return;
+                    }
                     touch();
                 }
             }
         }
-    };
+    }
     let watchdog = async {
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
@@ -1086,7 +1162,10 @@ pub(super) async fn splice(a: &mut TcpStream, b: &mut TcpStream, idle: Duration)
         }
     };
     tokio::select! {
-        _ = futures::future::join(one_way(&mut a_read, &mut b_write), one_way(&mut b_read, &mut a_write)) => {}
+        _ = futures::future::join(
+            one_way(&mut a_read, &mut b_write, &touch),
+            one_way(&mut b_read, &mut a_write, &touch),
+        ) => {}
         () = watchdog => tracing::debug!(?idle, "upgraded connection idle; closed"),
     }
 }

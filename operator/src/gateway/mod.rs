@@ -11,6 +11,7 @@
 
 pub mod balance;
 pub mod demand;
+pub mod filters;
 pub mod forwarding;
 pub mod h1;
 pub mod h2;
@@ -660,8 +661,22 @@ pub async fn connection(
     entry: Entry,
     stop: watch::Receiver<bool>,
 ) {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
     let deadline = tokio::time::Instant::now() + gateway.settings.header_read_timeout;
+    if let Entry::Listener(at) = entry
+        && gateway.tables.borrow().listener_tls(at)
+    {
+        // HTTPS: the handshake, too, within the header read timeout.
+        let acceptor = tokio_rustls::TlsAcceptor::from(gateway.tls_config(at));
+        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                h1::serve(&gateway, &pool, tls, BytesMut::new(), peer, entry, stop).await
+            }
+            Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+        return;
+    }
+    let mut buf = BytesMut::with_capacity(8 * 1024);
     while buf.len() < HTTP2_PREFACE.len() && HTTP2_PREFACE.starts_with(&buf) {
         match tokio::time::timeout_at(deadline, h1::body::fill(&mut stream, &mut buf)).await {
             Ok(Ok(n)) if n > 0 => {}

@@ -232,7 +232,8 @@ fn gateway_api_view(
         addresses: &config.addresses,
     });
     let slices = stores.slices.state();
-    let (listeners, targets) = crate::gatewayapi::serve::compile(&outcome, &services, &slices);
+    let (listeners, targets) =
+        crate::gatewayapi::serve::compile(&outcome, &services, &slices, &secrets);
     (
         GatewayApiView {
             stores: stores.clone(),

@@ -145,6 +145,29 @@ pub struct Gateway {
     /// Set on shutdown; told to the operator, which takes this replica out
     /// of the public Services' endpoints.
     pub draining: std::sync::atomic::AtomicBool,
+    /// TLS settings of each HTTPS listener address (made on first use; the
+    /// certificate is looked up in the table in force at each handshake).
+    tls: std::sync::Mutex<FastMap<SocketAddr, Arc<rustls::ServerConfig>>>,
+}
+
+/// Picks an HTTPS listener's certificate by SNI from the routing table in
+/// force when the client says hello: a rotated Secret serves new
+/// connections at once, and connections already up keep theirs.
+#[derive(Debug)]
+struct ListenerCertificates {
+    tables: watch::Receiver<Arc<RoutingTable>>,
+    at: SocketAddr,
+}
+
+impl rustls::server::ResolvesServerCert for ListenerCertificates {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.tables
+            .borrow()
+            .listener_certificate(self.at, hello.server_name())
+    }
 }
 
 impl Gateway {
@@ -165,7 +188,30 @@ impl Gateway {
             id,
             advertise: None,
             draining: Default::default(),
+            tls: Default::default(),
         }
+    }
+
+    /// The TLS settings of the HTTPS listeners at `at`: HTTP/1.1 (ALPN),
+    /// TLS 1.2 and 1.3, the certificate chosen by SNI at each handshake.
+    pub fn tls_config(&self, at: SocketAddr) -> Arc<rustls::ServerConfig> {
+        let mut configs = self.tls.lock().expect("tls lock");
+        configs
+            .entry(at)
+            .or_insert_with(|| {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let mut config = rustls::ServerConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default TLS versions")
+                    .with_no_client_auth()
+                    .with_cert_resolver(Arc::new(ListenerCertificates {
+                        tables: self.tables.clone(),
+                        at,
+                    }));
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(config)
+            })
+            .clone()
     }
 
     /// Marks this replica as shutting down and has the operator told now.

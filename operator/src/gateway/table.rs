@@ -132,6 +132,11 @@ pub struct CompiledRoute {
     /// Breaks ties between equally specific routes before their names
     /// (HTTPRoutes: the route's age rank and the rule's position).
     pub tie: u32,
+    /// Header edits, redirect and rewrite (HTTPRoute filters).
+    pub filters: Option<Arc<super::filters::Filters>>,
+    /// The route's own deadline for a request, in place of its workload's
+    /// (HTTPRoute timeouts).
+    pub timeout: Option<Duration>,
 }
 
 impl CompiledRoute {
@@ -262,9 +267,49 @@ impl VirtualHosts {
 pub struct ListenerSet {
     /// Listeners by host name (none: any), most specific first.
     pub listeners: Vec<(Option<String>, VirtualHosts)>,
+    /// HTTPS: connections are TLS, terminated here.
+    pub tls: bool,
+    /// Certificates of the HTTPS listeners by host name (none: any), most
+    /// specific first.
+    pub certificates: Vec<(Option<String>, Arc<rustls::sign::CertifiedKey>)>,
 }
 
 impl ListenerSet {
+    /// Adds the certificate of an HTTPS listener.
+    pub fn push_certificate(
+        &mut self,
+        hostname: Option<String>,
+        certificate: Arc<rustls::sign::CertifiedKey>,
+    ) {
+        self.tls = true;
+        self.certificates.push((hostname, certificate));
+        self.certificates.sort_by_key(|(name, _)| match name {
+            Some(name) => (false, crate::gatewayapi::hostname::specificity(name)),
+            None => (true, (true, 0)),
+        });
+    }
+
+    /// The certificate for a TLS client that asked for `server_name` (SNI):
+    /// the most specific listener whose host name matches it; without SNI,
+    /// or with a name no listener has, the listener without host name, if
+    /// there is one.
+    pub fn certificate(
+        &self,
+        server_name: Option<&str>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = server_name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+        self.certificates
+            .iter()
+            .find(|(listener, _)| match (listener, &name) {
+                (None, _) => true,
+                (Some(listener), Some(name)) => {
+                    crate::gatewayapi::hostname::matches(listener, name)
+                }
+                (Some(_), None) => false,
+            })
+            .map(|(_, certificate)| certificate.clone())
+    }
+
     /// Adds a listener's routes.
     pub fn push(&mut self, hostname: Option<String>, hosts: VirtualHosts) {
         self.listeners.push((hostname, hosts));
@@ -372,6 +417,8 @@ impl RoutingTable {
                     measured: false,
                     rolls: Default::default(),
                     tie: 0,
+                    filters: None,
+                    timeout: None,
                 });
                 if workload.through_gateway() {
                     let qualified = format!("{service}.{namespace}");
@@ -442,6 +489,8 @@ impl RoutingTable {
                     measured: route.migration.is_some(),
                     rolls: Default::default(),
                     tie: 0,
+                    filters: None,
+                    timeout: None,
                 });
                 if host_specific {
                     for host in &app.spec.hosts {
@@ -504,6 +553,21 @@ impl RoutingTable {
         let mut addresses: Vec<SocketAddr> = self.listeners.keys().copied().collect();
         addresses.sort_unstable();
         addresses
+    }
+
+    /// The Gateway API listeners at `local` serve HTTPS.
+    pub fn listener_tls(&self, local: SocketAddr) -> bool {
+        self.listeners.get(&local).is_some_and(|set| set.tls)
+    }
+
+    /// The certificate the listeners at `local` show a TLS client that asked
+    /// for `server_name`.
+    pub fn listener_certificate(
+        &self,
+        local: SocketAddr,
+        server_name: Option<&str>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.listeners.get(&local)?.certificate(server_name)
     }
 
     /// The best route for a request that came in on the Gateway API

@@ -715,12 +715,20 @@ pub fn compute(world: &World<'_>) -> Outcome {
             .rules
             .iter()
             .flat_map(|r| {
-                r.filters
+                let on_rule = r
+                    .filters
                     .iter()
-                    .chain(r.backend_refs.iter().flat_map(|b| b.filters.iter()))
+                    .filter(|f| !super::SUPPORTED_FILTERS.contains(&f.kind.as_str()))
+                    .map(|f| f.kind.clone());
+                // Filters of one backend are not served yet.
+                let on_backend = r
+                    .backend_refs
+                    .iter()
+                    .flat_map(|b| b.filters.iter())
+                    .map(|f| format!("{} (on a backendRef)", f.kind));
+                on_rule.chain(on_backend)
             })
-            .find(|f| !super::SUPPORTED_FILTERS.contains(&f.kind.as_str()))
-            .map(|f| f.kind.clone());
+            .next();
         let mut parents = Vec::new();
         for parent in &route.spec.parent_refs {
             if parent.group.as_deref().is_some_and(|g| g != GROUP)

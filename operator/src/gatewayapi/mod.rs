@@ -16,14 +16,34 @@ pub mod tls;
 /// `--gateway-controller-name` in the chart and testenv).
 pub const CONTROLLER_NAME: &str = "tandem.dev/gateway";
 
-/// The HTTPRoute filters Tandem serves; a route using another is not
-/// accepted (`UnsupportedValue`). None yet: RequestHeaderModifier,
-/// ResponseHeaderModifier, RequestRedirect and URLRewrite come next.
-pub const SUPPORTED_FILTERS: &[&str] = &[];
+/// The HTTPRoute filters Tandem serves on a rule; a route using another (or
+/// any filter on a backendRef) is not accepted (`UnsupportedValue`).
+pub const SUPPORTED_FILTERS: &[&str] = &[
+    "RequestHeaderModifier",
+    "ResponseHeaderModifier",
+    "RequestRedirect",
+    "URLRewrite",
+];
 
-/// The Gateway API features Tandem claims (in GatewayClass status and to
-/// the conformance suite): the GATEWAY-HTTP core.
-pub const SUPPORTED_FEATURES: &[&str] = &["Gateway", "HTTPRoute", "ReferenceGrant"];
+/// The Gateway API features Tandem claims (in GatewayClass status, which
+/// `testenv/conformance.sh` hands to the conformance suite): the
+/// GATEWAY-HTTP core and the extended features that pass it.
+pub const SUPPORTED_FEATURES: &[&str] = &[
+    "Gateway",
+    "HTTPRoute",
+    "ReferenceGrant",
+    "HTTPRouteResponseHeaderModification",
+    "HTTPRoutePathRedirect",
+    "HTTPRoutePortRedirect",
+    "HTTPRouteSchemeRedirect",
+    "HTTPRoute303RedirectStatusCode",
+    "HTTPRoute307RedirectStatusCode",
+    "HTTPRoute308RedirectStatusCode",
+    "HTTPRouteHostRewrite",
+    "HTTPRoutePathRewrite",
+    "HTTPRouteRequestTimeout",
+    "HTTPRouteBackendTimeout",
+];
 
 /// Parses `--gateway-addresses`: addresses and IPv4 CIDR ranges (at most
 /// 4096 addresses in all; a range gives its addresses in order, without

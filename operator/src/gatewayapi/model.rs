@@ -385,7 +385,7 @@ pub struct RequestRedirect {
     /// Port.
     #[serde(default)]
     pub port: Option<u16>,
-    /// 301 (default), 302, 303, 307 or 308.
+    /// 301, 302 (the default), 303, 307 or 308.
     #[serde(default)]
     pub status_code: Option<u16>,
 }

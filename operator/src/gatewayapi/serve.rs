@@ -11,11 +11,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::attach::{Attached, Backend, Outcome};
 use crate::api::{Method, Mode, labels};
+use crate::gateway::filters::{Filters, HeaderEdits, PathChange, Redirect, Rewrite};
 use crate::gateway::table::{
     CompiledRoute, FastMap, ListenerSet, PathMatch, VirtualHosts, WorkloadKey, WorkloadTarget,
 };
@@ -29,6 +30,7 @@ pub fn compile(
     outcome: &Outcome,
     services: &[Service],
     slices: &[Arc<EndpointSlice>],
+    secrets: &[Secret],
 ) -> (FastMap<SocketAddr, Arc<ListenerSet>>, Vec<WorkloadTarget>) {
     // Older routes win ties, then by namespace and name.
     let mut ranks: Vec<(String, (String, String))> = outcome
@@ -78,9 +80,29 @@ pub fn compile(
                 }
             }
             hosts.seal();
-            sets.entry(SocketAddr::new(address, listener.port))
-                .or_default()
-                .push(listener.hostname.clone(), hosts);
+            let set = sets
+                .entry(SocketAddr::new(address, listener.port))
+                .or_default();
+            set.push(listener.hostname.clone(), hosts);
+            if listener.tls {
+                // The first certificate that loads (attachment checked that
+                // one does; a Secret changed since waits for the next build).
+                let certificate = listener.certificates.iter().find_map(|(namespace, name)| {
+                    let secret = secrets.iter().find(|s| {
+                        s.metadata.namespace.as_deref() == Some(namespace.as_str())
+                            && s.metadata.name.as_deref() == Some(name.as_str())
+                    })?;
+                    super::tls::load(secret).ok()
+                });
+                match certificate {
+                    Some(certificate) => {
+                        set.push_certificate(listener.hostname.clone(), certificate)
+                    }
+                    // No certificate: the set is still TLS, and a client
+                    // that asks for this name fails its handshake.
+                    None => set.tls = true,
+                }
+            }
         }
     }
     (
@@ -125,6 +147,14 @@ fn compile_route(
             weighted.push((WorkloadKey::unresolved(), 1));
         }
         let total: u32 = weighted.iter().map(|(_, w)| w).sum();
+        let filters = compile_filters(&rule.filters);
+        let timeout = rule.timeouts.as_ref().and_then(|t| {
+            [&t.request, &t.backend_request]
+                .into_iter()
+                .filter_map(|d| d.as_deref().and_then(parse_duration))
+                .filter(|d| !d.is_zero())
+                .min()
+        });
         let rule_name = rule.name.clone().unwrap_or_else(|| index.to_string());
         let default_match = [Default::default()];
         let matches = if rule.matches.is_empty() {
@@ -184,10 +214,104 @@ fn compile_route(
                 measured: false,
                 rolls: Default::default(),
                 tie: rank.saturating_mul(1024).saturating_add(index as u32),
+                filters: filters.clone(),
+                timeout,
             }));
         }
     }
     compiled
+}
+
+/// A Gateway API Duration (`1h30m`, `500ms`: up to four numbers of at
+/// most five digits, each with `h`, `m`, `s` or `ms`); none when it is not
+/// one.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if !(1..=5).contains(&digits) {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else {
+            return None;
+        };
+        total += unit * u32::try_from(n).ok()?;
+        rest = &rest[len..];
+        parts += 1;
+    }
+    (1..=4).contains(&parts).then_some(total)
+}
+
+/// What a rule's filters do, in one value (none when they do nothing).
+/// Several header modifiers of one kind apply in order; the CRD allows at
+/// most one of each.
+fn compile_filters(filters: &[crate::gatewayapi::model::HttpRouteFilter]) -> Option<Arc<Filters>> {
+    use crate::gatewayapi::model::{HeaderModifier, PathModifier};
+    let edits = |m: &HeaderModifier| {
+        HeaderEdits::new(
+            m.set.iter().map(|h| (h.name.as_str(), h.value.as_str())),
+            m.add.iter().map(|h| (h.name.as_str(), h.value.as_str())),
+            m.remove.iter().map(String::as_str),
+        )
+    };
+    let merge = |into: &mut HeaderEdits, more: HeaderEdits| {
+        into.set.extend(more.set);
+        into.add.extend(more.add);
+        into.remove.extend(more.remove);
+    };
+    let path = |p: &PathModifier| match p.kind.as_str() {
+        "ReplaceFullPath" => p.replace_full_path.clone().map(PathChange::Full),
+        "ReplacePrefixMatch" => p.replace_prefix_match.clone().map(PathChange::Prefix),
+        _ => None,
+    };
+    let mut compiled = Filters::default();
+    for filter in filters {
+        match filter.kind.as_str() {
+            "RequestHeaderModifier" => {
+                if let Some(m) = &filter.request_header_modifier {
+                    merge(&mut compiled.request, edits(m));
+                }
+            }
+            "ResponseHeaderModifier" => {
+                if let Some(m) = &filter.response_header_modifier {
+                    merge(&mut compiled.response, edits(m));
+                }
+            }
+            "RequestRedirect" => {
+                if let Some(r) = &filter.request_redirect {
+                    compiled.redirect = Some(Redirect {
+                        scheme: r.scheme.clone(),
+                        hostname: r.hostname.clone(),
+                        path: r.path.as_ref().and_then(path),
+                        port: r.port,
+                        status: r.status_code.unwrap_or(302),
+                    });
+                }
+            }
+            "URLRewrite" => {
+                if let Some(r) = &filter.url_rewrite {
+                    compiled.rewrite = Some(Rewrite {
+                        hostname: r.hostname.clone(),
+                        path: r.path.as_ref().and_then(path),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    (!compiled.is_empty()).then(|| Arc::new(compiled))
 }
 
 /// The workload a backend Service port stands for: the HybridApp workload
@@ -272,4 +396,23 @@ fn backend_key(
         },
     );
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_gateway_api_writes_them() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_duration("1m1s1ms"),
+            Some(Duration::from_millis(61_001))
+        );
+        for bad in ["", "5", "1d", "123456s", "1s1s1s1s1s", "-1s", "1.5s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
 }

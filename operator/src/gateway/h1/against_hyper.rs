@@ -328,7 +328,7 @@ fn our_response(wire: &[u8], head_request: bool) -> Option<Answer> {
         head: head_request,
         websocket: false,
     };
-    let (head, ()) = head::parse_response(wire, asked, |_| ()).ok()??;
+    let (head, ()) = head::parse_response(wire, asked, None, |_| ()).ok()??;
     Some(Answer {
         status: head.status,
         length: match head.framing {

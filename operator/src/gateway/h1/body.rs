@@ -8,7 +8,7 @@
 //! whatever another parser would have made of the original.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Duration;
 
@@ -423,6 +423,94 @@ pub async fn write_two_within(
         }
     }
     write_within(stream, second, idle).await
+}
+
+/// A client connection the HTTP/1 adapter serves: plain TCP, written with
+/// the non-blocking fast path of [`write_within`], or TLS.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The scheme requests arrive with (`http`, `https`).
+    const SCHEME: &'static str;
+
+    /// [`write_within`] for this stream: all of `bytes` on the wire.
+    fn write_all_within(
+        &mut self,
+        bytes: &[u8],
+        idle: Duration,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    /// [`write_two_within`] for this stream.
+    fn write_two_within(
+        &mut self,
+        first: &[u8],
+        second: &[u8],
+        idle: Duration,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ClientStream for TcpStream {
+    const SCHEME: &'static str = "http";
+
+    fn write_all_within(
+        &mut self,
+        bytes: &[u8],
+        idle: Duration,
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        write_within(self, bytes, idle)
+    }
+
+    fn write_two_within(
+        &mut self,
+        first: &[u8],
+        second: &[u8],
+        idle: Duration,
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        write_two_within(self, first, second, idle)
+    }
+}
+
+impl<S> ClientStream for tokio_rustls::server::TlsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    const SCHEME: &'static str = "https";
+
+    async fn write_all_within(&mut self, bytes: &[u8], idle: Duration) -> std::io::Result<()> {
+        write_then_flush(self, &[bytes], idle).await
+    }
+
+    async fn write_two_within(
+        &mut self,
+        first: &[u8],
+        second: &[u8],
+        idle: Duration,
+    ) -> std::io::Result<()> {
+        write_then_flush(self, &[first, second], idle).await
+    }
+}
+
+/// Writes `pieces` and flushes (a TLS stream holds records until then),
+/// failing with `TimedOut` when the peer takes nothing for `idle`.
+async fn write_then_flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    pieces: &[&[u8]],
+    idle: Duration,
+) -> std::io::Result<()> {
+    let stalled = |_| std::io::Error::from(std::io::ErrorKind::TimedOut);
+    for piece in pieces {
+        let mut bytes = *piece;
+        while !bytes.is_empty() {
+            let n = tokio::time::timeout(idle, stream.write(bytes))
+                .await
+                .map_err(stalled)??;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[n..];
+        }
+    }
+    tokio::time::timeout(idle, stream.flush())
+        .await
+        .map_err(stalled)?
 }
 
 /// Whether an I/O error is an idle timeout of [`fill_within`] or

@@ -16,7 +16,9 @@ use std::mem::MaybeUninit;
 use http::StatusCode;
 
 use super::body::Framing;
+use crate::gateway::filters::HeaderEdits;
 use crate::gateway::forwarding::{self, Peer, RequestLine, hop_by_hop, push_header};
+use crate::gateway::table::CompiledRoute;
 
 /// Headers parsed on the stack; more than this (if allowed) go to the heap.
 const STACK_HEADERS: usize = 100;
@@ -68,6 +70,8 @@ pub struct RouteInput<'a> {
     pub host: Option<&'a str>,
     /// Path without the query.
     pub path: &'a str,
+    /// The query, without `?`.
+    pub query: Option<&'a str>,
     /// Method.
     pub method: &'a str,
     /// All headers.
@@ -84,6 +88,20 @@ pub fn parse_request<R>(
     peer: &Peer<'_>,
     out: &mut Vec<u8>,
     route: impl FnOnce(&RouteInput<'_>) -> R,
+) -> Result<Option<(RequestHead, R)>, Rejection> {
+    parse_routed_request(buf, max_headers, peer, out, route, |_| None)
+}
+
+/// [`parse_request`], where `route`'s answer may name the route chosen
+/// (`compiled`), whose filters then shape the head sent upstream (header
+/// edits, host and path rewrite).
+pub fn parse_routed_request<R>(
+    buf: &[u8],
+    max_headers: usize,
+    peer: &Peer<'_>,
+    out: &mut Vec<u8>,
+    route: impl FnOnce(&RouteInput<'_>) -> R,
+    compiled: impl FnOnce(&R) -> Option<&CompiledRoute>,
 ) -> Result<Option<(RequestHead, R)>, Rejection> {
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
     let mut heap = Vec::new();
@@ -164,20 +182,32 @@ pub fn parse_request<R>(
         upgrade,
         expect_continue: info.expect_continue && !framing.is_empty(),
     };
+    let (bare, query) = match path.split_once('?') {
+        Some((bare, query)) => (bare, Some(query)),
+        None => (path, None),
+    };
     let routed = route(&RouteInput {
         host,
-        path: path.split_once('?').map_or(path, |(p, _)| p),
+        path: bare,
+        query,
         method,
         headers,
     });
+    let filtered = compiled(&routed).and_then(|r| Some((r, r.filters.as_deref()?)));
+    let rewrite = filtered.and_then(|(r, f)| Some((r, f.rewrite.as_ref()?)));
+    let target = rewrite.and_then(|(r, rewrite)| rewrite.target(&r.path, path));
+    let host = rewrite
+        .and_then(|(_, rewrite)| rewrite.hostname.as_deref())
+        .or(host);
     forwarding::write_request_head(
         out,
         &RequestLine {
             method,
-            target: path,
+            target: target.as_deref().unwrap_or(path),
             host: host.map(str::as_bytes),
             connection_named: &info.connection_named,
             websocket: upgrade,
+            edits: filtered.map(|(_, f)| &f.request),
         },
         headers,
         peer,
@@ -456,6 +486,8 @@ pub struct Response<'a> {
     pub reason: &'a str,
     headers: &'a [httparse::Header<'a>],
     connection_named: &'a [&'a [u8]],
+    /// The route's edits of the response's headers.
+    edits: Option<&'a HeaderEdits>,
 }
 
 impl Response<'_> {
@@ -471,10 +503,14 @@ impl Response<'_> {
                     .connection_named
                     .iter()
                     .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+                || self.edits.is_some_and(|e| e.drops(name))
             {
                 continue;
             }
             f(name, header.value);
+        }
+        if let Some(edits) = self.edits {
+            edits.each_written(f);
         }
     }
 
@@ -505,6 +541,7 @@ pub struct Asked {
 pub fn parse_response<T>(
     buf: &[u8],
     asked: Asked,
+    edits: Option<&HeaderEdits>,
     sink: impl FnOnce(&Response<'_>) -> T,
 ) -> Result<Option<(ResponseHead, T)>, &'static str> {
     let mut storage =
@@ -611,6 +648,7 @@ pub fn parse_response<T>(
         reason: response.reason.unwrap_or(""),
         headers,
         connection_named: &named,
+        edits: edits.filter(|e| !e.is_empty()),
     });
     Ok(Some((head, sunk)))
 }
@@ -797,7 +835,7 @@ mod tests {
     }
 
     fn response(wire: &[u8], asked: Asked) -> Result<(ResponseHead, String), &'static str> {
-        parse_response(wire, asked, |r| {
+        parse_response(wire, asked, None, |r| {
             let mut out = Vec::new();
             r.write_head(&mut out);
             String::from_utf8(out).unwrap()

@@ -57,10 +57,10 @@ enum Next {
 /// read while finding its protocol, are in `buf`) until it closes, the
 /// client breaks framing, or `stop` turns true (after the request in
 /// progress).
-pub async fn serve(
+pub async fn serve<S: body::ClientStream>(
     gateway: &Gateway,
     pool: &Pool,
-    mut client: TcpStream,
+    mut client: S,
     mut buf: BytesMut,
     peer: SocketAddr,
     entry: lifecycle::Entry,
@@ -71,7 +71,7 @@ pub async fn serve(
     let forwarding = Peer {
         ip: &client_ip,
         trusted: settings.trusts(peer.ip()),
-        scheme: "http",
+        scheme: S::SCHEME,
     };
     let mut upstream_head = Vec::with_capacity(1024);
     let mut scratch = Vec::new();
@@ -88,7 +88,7 @@ pub async fn serve(
             };
         let parsed = loop {
             if !buf.is_empty() {
-                let parsed = head::parse_request(
+                let parsed = head::parse_routed_request(
                     &buf,
                     settings.max_headers,
                     &forwarding,
@@ -99,10 +99,12 @@ pub async fn serve(
                             entry,
                             input.host,
                             input.path,
+                            input.query,
                             input.method,
                             input.headers,
                         )
                     },
+                    lifecycle::routed,
                 );
                 let refused = match parsed {
                     Ok(Some(parsed)) => break parsed,
@@ -223,8 +225,8 @@ pub async fn serve(
 }
 
 /// Answers `error` and says what becomes of the connection.
-async fn finish(
-    client: &mut TcpStream,
+async fn finish<S: body::ClientStream>(
+    client: &mut S,
     error: &ProxyError,
     next: Next,
     out: &mut Vec<u8>,
@@ -232,7 +234,7 @@ async fn finish(
 ) -> Next {
     out.clear();
     error.write_http1(next != Next::KeepAlive, out);
-    if body::write_within(client, out, idle).await.is_err() {
+    if client.write_all_within(out, idle).await.is_err() {
         return Next::Close;
     }
     out.clear();
@@ -243,7 +245,7 @@ async fn finish(
 }
 
 /// Half-closes and reads what the client still sends, for a while.
-async fn linger(client: &mut TcpStream) {
+async fn linger<S: body::ClientStream>(client: &mut S) {
     let _ = client.shutdown().await;
     let mut drained = 0;
     let mut scratch = BytesMut::new();
@@ -270,8 +272,8 @@ fn before_body(request: &RequestHead) -> Next {
 }
 
 /// One request's client side on an HTTP/1 connection.
-struct Client<'a> {
-    stream: &'a mut TcpStream,
+struct Client<'a, S> {
+    stream: &'a mut S,
     buf: &'a mut BytesMut,
     out: &'a mut Vec<u8>,
     request: &'a RequestHead,
@@ -288,7 +290,7 @@ struct Client<'a> {
     tunnel_idle: Duration,
 }
 
-impl Client<'_> {
+impl<S: body::ClientStream> Client<'_, S> {
     /// What becomes of the connection after `error`, if nothing of the
     /// response went out yet.
     fn after_failure(&self, error: &ProxyError) -> Next {
@@ -307,11 +309,11 @@ impl Client<'_> {
     }
 }
 
-impl Downstream for Client<'_> {
+impl<S: body::ClientStream> Downstream for Client<'_, S> {
     async fn send_continue(&mut self) {
         if self.request.expect_continue && !self.continued {
             self.continued = true;
-            let _ = body::write_within(self.stream, CONTINUE, self.idle).await;
+            let _ = self.stream.write_all_within(CONTINUE, self.idle).await;
         }
     }
 
@@ -417,14 +419,16 @@ impl Downstream for Client<'_> {
         let written = if self.encoder == Encoder::Raw && data.len() > COPY_BELOW {
             // A large piece goes out as it is, after what is buffered: one
             // vectored write, no copy.
-            body::write_two_within(self.stream, self.out, data, self.idle).await
+            self.stream
+                .write_two_within(self.out, data, self.idle)
+                .await
         } else if self.encoder == Encoder::Raw {
             // A small one is cheaper to copy than to write from two places.
             self.out.extend_from_slice(data);
             if self.out.is_empty() {
                 return Ok(());
             }
-            body::write_within(self.stream, self.out, self.idle).await
+            self.stream.write_all_within(self.out, self.idle).await
         } else {
             self.encoder.push(data, self.out);
             if last {
@@ -433,7 +437,7 @@ impl Downstream for Client<'_> {
             if self.out.is_empty() {
                 return Ok(());
             }
-            body::write_within(self.stream, self.out, self.idle).await
+            self.stream.write_all_within(self.out, self.idle).await
         };
         self.head_sent = true;
         self.out.clear();
@@ -462,7 +466,7 @@ impl Downstream for Client<'_> {
     async fn tunnel(&mut self, upstream: &mut TcpStream, early: &[u8]) {
         let idle = self.tunnel_idle;
         let started = async {
-            body::write_within(self.stream, early, idle).await?;
+            self.stream.write_all_within(early, idle).await?;
             body::write_within(upstream, self.buf, idle).await?;
             self.buf.clear();
             Ok::<_, std::io::Error>(())
