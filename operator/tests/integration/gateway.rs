@@ -218,14 +218,25 @@ impl Gateway {
         operator: &crate::support::OperatorProcess,
         extra: &[String],
     ) -> Gateway {
+        Self::for_operator_as(name, namespace, operator, &["gateway-rbac.yaml"], extra).await
+    }
+
+    /// [`Gateway::for_operator_with`], its account bound to the rules of
+    /// `rbac_files` (in `charts/tandem/files`).
+    pub async fn for_operator_as(
+        name: &str,
+        namespace: &str,
+        operator: &crate::support::OperatorProcess,
+        rbac_files: &[&str],
+        extra: &[String],
+    ) -> Gateway {
         let dir = testenv::environment()
             .control_plane
             .dir
             .join(format!("{name}-{namespace}"));
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig =
-            crate::support::account_kubeconfig(namespace, "tandem-gateway", "gateway-rbac.yaml")
-                .await;
+            crate::support::account_kubeconfig_with(namespace, "tandem-gateway", rbac_files).await;
         let mut args = vec![format!("--operator-url=http://{}", operator.autoscaler)];
         args.extend(extra.iter().cloned());
         Self::start_kubernetes(&dir, &kubeconfig, namespace, &args).await
@@ -284,6 +295,11 @@ impl Gateway {
         )
         .await;
         gateway
+    }
+
+    /// What the gateway logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {

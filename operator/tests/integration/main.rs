@@ -4,6 +4,7 @@
 mod api;
 mod chart;
 mod gateway;
+mod gatewayapi;
 mod migration;
 mod operator;
 mod scale;

@@ -18,7 +18,9 @@ use crate::gateway::GatewayHandle;
 use crate::support::{OperatorProcess, install_crd, install_gateway_api, operator_kubeconfig};
 use tandem::controller::httproute::HttpRoute;
 
-fn app() -> HybridApp {
+/// App `shop` (host shop.example.com): `store` AlwaysOn scaled on CPU at
+/// `/checkout`, `thumbs` a Function at `/thumbnail`.
+pub fn app() -> HybridApp {
     let container = |name: &str| {
         json!({"name": name, "image": format!("example/{name}:1"),
                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1}})
@@ -327,6 +329,21 @@ async fn ready_means_every_gateway_serves_the_current_generation() {
     operator.assert_never_forbidden();
 }
 
+/// Sets the weights of the two backends of route `route` of app `shop`.
+pub async fn set_weights(apps: &Api<HybridApp>, route: usize, weights: [i32; 2]) {
+    let mut spec_routes = apps.get("shop").await.unwrap().spec.routes;
+    for (backend, weight) in spec_routes[route].backends.iter_mut().zip(weights) {
+        backend.weight = Some(weight);
+    }
+    apps.patch(
+        "shop",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&json!({"spec": {"routes": spec_routes}})),
+    )
+    .await
+    .unwrap();
+}
+
 /// The backends of rule `rule` of the HTTPRoute: (Service, weight).
 fn backends(route: &HttpRoute, rule: &str) -> Vec<(String, i64)> {
     route.spec["rules"]
@@ -473,16 +490,7 @@ async fn spec_gateway_owns_one_httproute_that_follows_the_app() {
     .await;
 
     // A weight change in the app shows up in the route.
-    let mut spec_routes = apps.get("shop").await.unwrap().spec.routes;
-    spec_routes[2].backends[0].weight = Some(60);
-    spec_routes[2].backends[1].weight = Some(40);
-    apps.patch(
-        "shop",
-        &kube::api::PatchParams::default(),
-        &kube::api::Patch::Merge(&json!({"spec": {"routes": spec_routes}})),
-    )
-    .await
-    .unwrap();
+    set_weights(&apps, 2, [60, 40]).await;
     wait_for(
         "the new weights in the HTTPRoute",
         Duration::from_secs(30),

@@ -114,15 +114,33 @@ pub async fn account_kubeconfig(
     account: &str,
     rbac_file: &str,
 ) -> std::path::PathBuf {
+    account_kubeconfig_with(namespace, account, &[rbac_file]).await
+}
+
+/// [`account_kubeconfig`] bound to the rules of several files together.
+pub async fn account_kubeconfig_with(
+    namespace: &str,
+    account: &str,
+    rbac_files: &[&str],
+) -> std::path::PathBuf {
     use k8s_openapi::api::core::v1::ServiceAccount;
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     use kube::api::PostParams;
     let env = environment();
     let client = env.client().await;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../charts/tandem/files")
-        .join(rbac_file);
-    let rbac: OperatorRbac = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut rbac = OperatorRbac {
+        cluster_rules: Vec::new(),
+        namespace_rules: Vec::new(),
+    };
+    for file in rbac_files {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/tandem/files")
+            .join(file);
+        let more: OperatorRbac =
+            serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        rbac.cluster_rules.extend(more.cluster_rules);
+        rbac.namespace_rules.extend(more.namespace_rules);
+    }
     let pp = PostParams::default();
     let subject =
         serde_json::json!([{"kind": "ServiceAccount", "name": account, "namespace": namespace}]);
