@@ -23,6 +23,12 @@ pub mod state;
 pub mod table;
 #[cfg(test)]
 mod tests;
+// The same tests, every request through a Gateway API listener (loaded
+// twice on purpose: the module reads its own path to know which run it is).
+#[cfg(test)]
+#[allow(clippy::duplicate_mod)]
+#[path = "tests.rs"]
+mod tests_via_listener;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

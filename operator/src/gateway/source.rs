@@ -40,7 +40,8 @@ pub struct StaticEndpoints {
     pub addresses: Vec<SocketAddr>,
 }
 
-/// A static configuration file: apps and their endpoints.
+/// A static configuration file: apps and their endpoints, and Gateway API
+/// objects served as they would be from the API server.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct StaticConfig {
     /// HybridApps (with `metadata.namespace`).
@@ -49,11 +50,53 @@ pub struct StaticConfig {
     /// Ready endpoints per workload.
     #[serde(default)]
     pub endpoints: Vec<StaticEndpoints>,
+    /// Gateway API objects to serve (no status is written).
+    #[serde(default, rename = "gatewayApi")]
+    pub gateway_api: Option<StaticGatewayApi>,
+}
+
+/// The Gateway API part of a static config.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StaticGatewayApi {
+    /// The `controllerName` of the classes served.
+    #[serde(rename = "controllerName")]
+    pub controller_name: String,
+    /// Addresses given to Gateways (as `--gateway-addresses`).
+    pub addresses: String,
+    /// GatewayClasses, Gateways, HTTPRoutes, ReferenceGrants, Services,
+    /// EndpointSlices, Secrets and Namespaces, each with its `kind`.
+    pub objects: Vec<serde_json::Value>,
+}
+
+impl StaticGatewayApi {
+    /// The listener sets and backend targets these objects come to.
+    fn compile(&self) -> Result<crate::gatewayapi::serve::Served, String> {
+        let pool = crate::gatewayapi::parse_addresses(&self.addresses)?;
+        let mut objects = crate::gatewayapi::serve::Objects::default();
+        fn read<T: serde::de::DeserializeOwned>(object: &serde_json::Value) -> Result<T, String> {
+            serde_json::from_value(object.clone())
+                .map_err(|e| format!("{} {}: {e}", object["kind"], object["metadata"]["name"]))
+        }
+        for object in &self.objects {
+            match object["kind"].as_str().unwrap_or_default() {
+                "GatewayClass" => objects.classes.push(read(object)?),
+                "Gateway" => objects.gateways.push(read(object)?),
+                "HTTPRoute" => objects.routes.push(read(object)?),
+                "ReferenceGrant" => objects.grants.push(read(object)?),
+                "Service" => objects.services.push(read(object)?),
+                "EndpointSlice" => objects.slices.push(Arc::new(read(object)?)),
+                "Secret" => objects.secrets.push(read(object)?),
+                "Namespace" => objects.namespaces.push(read(object)?),
+                other => return Err(format!("gatewayApi.objects: kind {other:?} is not served")),
+            }
+        }
+        Ok(objects.serve(&self.controller_name, &pool.0).1)
+    }
 }
 
 impl StaticConfig {
     /// Builds the table this file describes.
-    pub fn table(&self) -> RoutingTable {
+    pub fn table(&self) -> Result<RoutingTable, String> {
         let endpoints: HashMap<WorkloadKey, Vec<SocketAddr>> = self
             .endpoints
             .iter()
@@ -68,7 +111,14 @@ impl StaticConfig {
                 )
             })
             .collect();
-        RoutingTable::build(&self.apps, &endpoints)
+        let table = RoutingTable::build(&self.apps, &endpoints);
+        Ok(match &self.gateway_api {
+            Some(gateway_api) => {
+                let (listeners, targets) = gateway_api.compile()?;
+                table.with_listeners(listeners, targets)
+            }
+            None => table,
+        })
     }
 }
 
@@ -89,10 +139,12 @@ pub async fn run_static(
             match std::fs::read_to_string(&path)
                 .map_err(|e| e.to_string())
                 .and_then(|text| {
-                    serde_yaml::from_str::<StaticConfig>(&text).map_err(|e| e.to_string())
+                    let config =
+                        serde_yaml::from_str::<StaticConfig>(&text).map_err(|e| e.to_string())?;
+                    Ok((config.table()?, config))
                 }) {
-                Ok(config) => {
-                    tables.send_replace(Arc::new(config.table()));
+                Ok((table, config)) => {
+                    tables.send_replace(Arc::new(table));
                     tracing::info!(file = %path.display(), apps = config.apps.len(), "routing table loaded");
                     if let Some(done) = on_loaded.take() {
                         done();
@@ -209,31 +261,17 @@ fn gateway_api_view(
     FastMap<std::net::SocketAddr, Arc<ListenerSet>>,
     Vec<WorkloadTarget>,
 ) {
-    let (classes, gateways, routes, grants) = (
-        owned(&stores.classes),
-        owned(&stores.gateways),
-        owned(&stores.routes),
-        owned(&stores.grants),
-    );
-    let (services, secrets, namespaces) = (
-        owned(&stores.services),
-        owned(&stores.secrets),
-        owned(&stores.namespaces),
-    );
-    let outcome = crate::gatewayapi::attach::compute(&crate::gatewayapi::attach::World {
-        controller: &config.controller,
-        classes: &classes,
-        gateways: &gateways,
-        routes: &routes,
-        grants: &grants,
-        services: &services,
-        secrets: &secrets,
-        namespaces: &namespaces,
-        addresses: &config.addresses,
-    });
-    let slices = stores.slices.state();
-    let (listeners, targets) =
-        crate::gatewayapi::serve::compile(&outcome, &services, &slices, &secrets);
+    let objects = crate::gatewayapi::serve::Objects {
+        classes: owned(&stores.classes),
+        gateways: owned(&stores.gateways),
+        routes: owned(&stores.routes),
+        grants: owned(&stores.grants),
+        services: owned(&stores.services),
+        secrets: owned(&stores.secrets),
+        namespaces: owned(&stores.namespaces),
+        slices: stores.slices.state(),
+    };
+    let (outcome, (listeners, targets)) = objects.serve(&config.controller, &config.addresses);
     (
         GatewayApiView {
             stores: stores.clone(),
@@ -425,4 +463,58 @@ pub fn ready_endpoints(slices: &[Arc<EndpointSlice>]) -> HashMap<WorkloadKey, Ve
         }
     }
     endpoints
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A static config's Gateway API objects are served as they would be
+    /// from the API server; a kind it does not serve is refused by name.
+    #[test]
+    fn a_static_config_serves_gateway_api_objects() {
+        let yaml = r#"
+gatewayApi:
+  controllerName: tandem.dev/gateway
+  addresses: 127.0.13.1
+  objects:
+    - {kind: GatewayClass, metadata: {name: tandem}, spec: {controllerName: tandem.dev/gateway}}
+    - kind: Gateway
+      metadata: {name: edge, namespace: web}
+      spec: {gatewayClassName: tandem, listeners: [{name: http, port: 8000, protocol: HTTP}]}
+    - kind: HTTPRoute
+      metadata: {name: all, namespace: web}
+      spec: {parentRefs: [{name: edge}], rules: [{backendRefs: [{name: echo, port: 80}]}]}
+    - kind: Service
+      metadata: {name: echo, namespace: web}
+      spec: {ports: [{name: http, port: 80, targetPort: 9000}]}
+    - kind: EndpointSlice
+      metadata: {name: echo-1, namespace: web, labels: {kubernetes.io/service-name: echo}}
+      addressType: IPv4
+      ports: [{name: http, port: 9000}]
+      endpoints: [{addresses: [127.0.0.1], conditions: {ready: true}}]
+"#;
+        let config: StaticConfig = serde_yaml::from_str(yaml).unwrap();
+        let table = config.table().unwrap();
+        let at: SocketAddr = "127.0.13.1:8000".parse().unwrap();
+        assert_eq!(table.listener_addresses(), [at]);
+        assert!(!table.listener_tls(at));
+        let route = table
+            .listener_route(
+                at,
+                Some("any.example"),
+                "/x",
+                "GET",
+                &http::HeaderMap::new(),
+            )
+            .expect("the route");
+        let (key, _) = &route.backends[0];
+        let target = table.workload(key).expect("the Service's target");
+        assert_eq!(target.endpoints, ["127.0.0.1:9000".parse().unwrap()]);
+
+        let odd = yaml.replace("kind: Service\n", "kind: Pod\n");
+        let config: StaticConfig = serde_yaml::from_str(&odd).unwrap();
+        let error = config.table().unwrap_err();
+        assert!(error.contains("\"Pod\" is not served"), "{error}");
+    }
 }

@@ -548,6 +548,24 @@ impl RoutingTable {
         self
     }
 
+    /// The same routes served again by the Gateway API listener `at` (for
+    /// any host): the gateway's own tests run through a listener with it.
+    #[cfg(test)]
+    pub fn also_on_listener(mut self, at: SocketAddr) -> Self {
+        let mut hosts = VirtualHosts::default();
+        for (host, routes) in &self.by_host {
+            let mut all = routes.clone();
+            all.extend(self.any_host.iter().cloned());
+            hosts.exact.insert(host.clone(), all);
+        }
+        hosts.any = self.any_host.clone();
+        hosts.seal();
+        let mut set = ListenerSet::default();
+        set.push(None, hosts);
+        self.listeners.insert(at, Arc::new(set));
+        self
+    }
+
     /// The addresses of the Gateway API listeners, sorted.
     pub fn listener_addresses(&self) -> Vec<SocketAddr> {
         let mut addresses: Vec<SocketAddr> = self.listeners.keys().copied().collect();

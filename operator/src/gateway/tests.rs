@@ -23,6 +23,36 @@ use crate::api::HybridApp;
 
 const LONG: Duration = Duration::from_secs(3600);
 
+// This module runs twice (see `gateway/mod.rs`): as `tests`, the harness's
+// requests come in on the main listener; as `tests_via_listener`, on a
+// Gateway API listener that serves the same routes, so every held-request,
+// limit and framing test also holds for requests through a Gateway.
+
+/// The Gateway API listener of the second run.
+const LISTENER: &str = "127.0.10.1:80";
+
+fn via_listener() -> bool {
+    module_path!().ends_with("tests_via_listener")
+}
+
+/// Where the harness's connections come in.
+fn entry() -> super::lifecycle::Entry {
+    if via_listener() {
+        super::lifecycle::Entry::Listener(LISTENER.parse().unwrap())
+    } else {
+        super::lifecycle::Entry::Routes
+    }
+}
+
+/// `table`, its routes also on the listener in the second run.
+fn served(table: RoutingTable) -> RoutingTable {
+    if via_listener() {
+        table.also_on_listener(LISTENER.parse().unwrap())
+    } else {
+        table
+    }
+}
+
 fn key(workload: &str) -> WorkloadKey {
     WorkloadKey {
         namespace: "ns".into(),
@@ -98,7 +128,10 @@ impl Harness {
         } else {
             HashMap::new()
         };
-        let table = RoutingTable::build(&[app(workloads, request_timeout)], &endpoints);
+        let table = served(RoutingTable::build(
+            &[app(workloads, request_timeout)],
+            &endpoints,
+        ));
         let (tables, receiver) = watch::channel(Arc::new(table));
         let metrics = GatewayMetrics::register(&mut Registry::default());
         let gateway = Arc::new(Gateway::new(settings, receiver, metrics, "test".into()));
@@ -116,7 +149,7 @@ impl Harness {
                     pool,
                     stream,
                     peer,
-                    super::lifecycle::Entry::Routes,
+                    entry(),
                     stop,
                 ));
             }
@@ -136,10 +169,11 @@ impl Harness {
             .iter()
             .map(|(w, _)| (key(w), vec![self.upstream.local_addr().unwrap()]))
             .collect();
-        self.tables.send_replace(Arc::new(RoutingTable::build(
-            &[app(workloads, request_timeout)],
-            &endpoints,
-        )));
+        self.tables
+            .send_replace(Arc::new(served(RoutingTable::build(
+                &[app(workloads, request_timeout)],
+                &endpoints,
+            ))));
     }
 
     async fn client(&self) -> TcpStream {

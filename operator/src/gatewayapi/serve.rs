@@ -25,13 +25,58 @@ use crate::gateway::table::{
 /// response-head and idle timeouts apply as well).
 pub const SERVICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// What the gateway serves for Tandem's Gateways: the listener sets by
+/// address and port, and the targets of their backends.
+pub type Served = (FastMap<SocketAddr, Arc<ListenerSet>>, Vec<WorkloadTarget>);
+
+/// The Gateway API objects a gateway serves from, and what they refer to.
+#[derive(Debug, Default)]
+pub struct Objects {
+    /// GatewayClasses.
+    pub classes: Vec<super::model::GatewayClass>,
+    /// Gateways.
+    pub gateways: Vec<super::model::Gateway>,
+    /// HTTPRoutes.
+    pub routes: Vec<super::model::HttpRoute>,
+    /// ReferenceGrants.
+    pub grants: Vec<super::model::ReferenceGrant>,
+    /// Services.
+    pub services: Vec<Service>,
+    /// Secrets of type `kubernetes.io/tls`.
+    pub secrets: Vec<Secret>,
+    /// Namespaces.
+    pub namespaces: Vec<k8s_openapi::api::core::v1::Namespace>,
+    /// EndpointSlices.
+    pub slices: Vec<Arc<EndpointSlice>>,
+}
+
+impl Objects {
+    /// Attachment and status ([`super::attach::compute`]) for the classes
+    /// with `controller`, Gateways given `addresses`, and what is served.
+    pub fn serve(&self, controller: &str, addresses: &[IpAddr]) -> (Outcome, Served) {
+        let outcome = super::attach::compute(&super::attach::World {
+            controller,
+            classes: &self.classes,
+            gateways: &self.gateways,
+            routes: &self.routes,
+            grants: &self.grants,
+            services: &self.services,
+            secrets: &self.secrets,
+            namespaces: &self.namespaces,
+            addresses,
+        });
+        let served = compile(&outcome, &self.services, &self.slices, &self.secrets);
+        (outcome, served)
+    }
+}
+
 /// The listener sets and backend targets for `outcome`.
 pub fn compile(
     outcome: &Outcome,
     services: &[Service],
     slices: &[Arc<EndpointSlice>],
     secrets: &[Secret],
-) -> (FastMap<SocketAddr, Arc<ListenerSet>>, Vec<WorkloadTarget>) {
+) -> Served {
     // Older routes win ties, then by namespace and name.
     let mut ranks: Vec<(String, (String, String))> = outcome
         .gateways

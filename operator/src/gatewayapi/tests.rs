@@ -3,7 +3,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use serde_json::{Value, json};
 
-use super::attach::{Backend, Condition, Outcome, World, compute};
+use super::attach::{Backend, Condition, Outcome};
 use super::model::{Gateway, GatewayClass, HttpRoute, ReferenceGrant};
 
 fn from<T: serde::de::DeserializeOwned>(value: Value) -> T {
@@ -79,17 +79,17 @@ impl Cluster {
     }
 
     fn compute(&self) -> Outcome {
-        compute(&World {
-            controller: "tandem.dev/gateway",
-            classes: &self.classes,
-            gateways: &self.gateways,
-            routes: &self.routes,
-            grants: &self.grants,
-            services: &self.services,
-            secrets: &self.secrets,
-            namespaces: &self.namespaces,
-            addresses: &self.addresses,
-        })
+        let objects = super::serve::Objects {
+            classes: self.classes.clone(),
+            gateways: self.gateways.clone(),
+            routes: self.routes.clone(),
+            grants: self.grants.clone(),
+            services: self.services.clone(),
+            secrets: self.secrets.clone(),
+            namespaces: self.namespaces.clone(),
+            slices: Vec::new(),
+        };
+        objects.serve("tandem.dev/gateway", &self.addresses).0
     }
 }
 
