@@ -274,10 +274,227 @@ async fn the_generated_httproute_is_served_by_tandems_gateway_api_implementation
         }
     })
     .await;
+
+    // HTTPS: a second Gateway whose listeners take certificates from
+    // Secrets, chosen by SNI; rotating a Secret serves new connections with
+    // the new certificate while an open connection goes on.
+    https_with_rotation(&ns.name, &class_name, &controller).await;
+
     operator.assert_never_forbidden();
     let log = gateway.log_text();
     assert!(
         !log.contains("is forbidden"),
         "the gateway was refused something:\n{log}"
+    );
+}
+
+/// A `kubernetes.io/tls` Secret with a new self-signed certificate for
+/// `names`; the certificate's DER.
+fn tls_secret(
+    namespace: &str,
+    name: &str,
+    names: &[&str],
+) -> (k8s_openapi::api::core::v1::Secret, Vec<u8>) {
+    let certified =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let mut secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "type": "kubernetes.io/tls"
+    }))
+    .unwrap();
+    secret.data = Some(
+        [
+            ("tls.crt", certified.cert.pem()),
+            ("tls.key", certified.signing_key.serialize_pem()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.into_bytes())))
+        .collect(),
+    );
+    (secret, certified.cert.der().to_vec())
+}
+
+type TlsClient = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `at` asking for `name`, trusting `trusted`; and
+/// the certificate the server showed.
+async fn tls_connect(
+    at: std::net::SocketAddr,
+    name: &'static str,
+    trusted: &[&Vec<u8>],
+) -> Result<(TlsClient, Vec<u8>), String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in trusted {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der.to_vec()))
+            .unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(at)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(rustls_pki_types::ServerName::try_from(name).unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let shown = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    Ok((tls, shown))
+}
+
+/// `GET /checkout` on an open TLS connection: the status line.
+async fn tls_get(tls: &mut TlsClient, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET /checkout HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        // The echo answer's head ends its length-delimited body: read until
+        // the head is in and its body has arrived.
+        loop {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return head.lines().next().unwrap_or_default().to_string();
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("an answer within 30s")
+}
+
+async fn https_with_rotation(namespace: &str, class_name: &str, controller: &str) {
+    let client = environment().client().await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), namespace);
+    let (secret_a, der_a) = tls_secret(namespace, "cert-a", &["a.example"]);
+    let (secret_b, der_b) = tls_secret(namespace, "cert-b", &["*.b.example"]);
+    for secret in [&secret_a, &secret_b] {
+        secrets
+            .create(&PostParams::default(), secret)
+            .await
+            .unwrap();
+    }
+    let gateways: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &gateway_api("Gateway"));
+    let mut secure = DynamicObject::new("secure", &gateway_api("Gateway")).within(namespace);
+    secure.data = json!({"spec": {"gatewayClassName": class_name, "listeners": [
+        {"name": "a", "port": 443, "protocol": "HTTPS", "hostname": "a.example",
+         "tls": {"mode": "Terminate", "certificateRefs": [{"name": "cert-a"}]}},
+        {"name": "b", "port": 443, "protocol": "HTTPS", "hostname": "*.b.example",
+         "tls": {"mode": "Terminate", "certificateRefs": [{"name": "cert-b"}]}}]}});
+    gateways
+        .create(&PostParams::default(), &secure)
+        .await
+        .unwrap();
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &gateway_api("HTTPRoute"));
+    let mut route = DynamicObject::new("secure", &gateway_api("HTTPRoute")).within(namespace);
+    route.data = json!({"spec": {"parentRefs": [{"name": "secure"}],
+        "rules": [{"backendRefs": [{"name": "shop-store", "port": 80}]}]}});
+    routes.create(&PostParams::default(), &route).await.unwrap();
+    let address: std::net::IpAddr = wait_for(
+        "the HTTPS Gateway programmed and its route accepted",
+        Duration::from_secs(60),
+        || async {
+            let gateway = gateways.get("secure").await.map_err(|e| e.to_string())?;
+            let route = routes.get("secure").await.map_err(|e| e.to_string())?;
+            let true_in = |conditions: &serde_json::Value, kind: &str| {
+                conditions
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == kind && c["status"] == "True")
+            };
+            let accepted = route.data["status"]["parents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| {
+                    p["controllerName"] == controller && true_in(&p["conditions"], "Accepted")
+                });
+            let status = &gateway.data["status"];
+            match status["addresses"][0]["value"].as_str() {
+                Some(address) if accepted && true_in(&status["conditions"], "Programmed") => {
+                    address.parse().map_err(|e| format!("{address}: {e}"))
+                }
+                _ => Err(format!("{status} / {}", route.data["status"])),
+            }
+        },
+    )
+    .await;
+    let at = std::net::SocketAddr::new(address, 443);
+    let both = [&der_a, &der_b];
+    let (mut on_a, shown) = wait_for(
+        "a TLS connection to a.example",
+        Duration::from_secs(30),
+        || tls_connect(at, "a.example", &both),
+    )
+    .await;
+    assert_eq!(shown, der_a, "listener a's certificate for a.example");
+    assert!(
+        tls_get(&mut on_a, "a.example")
+            .await
+            .starts_with("http/1.1 200")
+    );
+    let (mut on_b, shown) = tls_connect(at, "x.b.example", &[&der_a, &der_b])
+        .await
+        .unwrap();
+    assert_eq!(shown, der_b, "listener b's certificate for x.b.example");
+    assert!(
+        tls_get(&mut on_b, "x.b.example")
+            .await
+            .starts_with("http/1.1 200")
+    );
+
+    // Rotated in the API server.
+    let (rotated, der_rotated) = tls_secret(namespace, "cert-a", &["a.example"]);
+    let mut current = secrets.get("cert-a").await.unwrap();
+    current.data = rotated.data;
+    secrets
+        .replace("cert-a", &PostParams::default(), &current)
+        .await
+        .unwrap();
+    let trusted = [&der_a, &der_b, &der_rotated];
+    let (mut fresh, _) = wait_for(
+        "a new connection to get the rotated certificate",
+        Duration::from_secs(30),
+        || async {
+            let (tls, shown) = tls_connect(at, "a.example", &trusted).await?;
+            if shown == der_rotated {
+                Ok((tls, shown))
+            } else {
+                Err("still the old certificate".to_string())
+            }
+        },
+    )
+    .await;
+    assert!(
+        tls_get(&mut fresh, "a.example")
+            .await
+            .starts_with("http/1.1 200")
+    );
+    assert!(
+        tls_get(&mut on_a, "a.example")
+            .await
+            .starts_with("http/1.1 200"),
+        "the connection made before the rotation goes on"
     );
 }
