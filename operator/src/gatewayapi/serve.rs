@@ -374,7 +374,15 @@ fn backend_key(
         s.metadata.namespace.as_deref() == Some(namespace)
             && s.metadata.name.as_deref() == Some(name)
     });
+    // A public Service without a selector points at the gateways (a
+    // Function, or a workload scaled on concurrency): the request is that
+    // workload's, with its cold path and measurements. One with a selector
+    // (scaled on CPU) reaches its pods directly, as any Service.
+    let points_at_gateways = service
+        .and_then(|s| s.spec.as_ref())
+        .is_none_or(|spec| spec.selector.as_ref().is_none_or(|s| s.is_empty()));
     if let Some(own) = service
+        .filter(|_| points_at_gateways)
         .and_then(|s| s.metadata.labels.as_ref())
         .filter(|l| l.get(labels::SERVICE).is_some_and(|k| k == labels::PUBLIC))
         && let (Some(app), Some(workload)) = (own.get(labels::APP), own.get(labels::WORKLOAD))

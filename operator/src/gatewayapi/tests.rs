@@ -837,3 +837,48 @@ async fn https_listeners_pick_their_certificate_by_sni_and_take_a_rotated_one() 
             .starts_with("HTTP/1.1 200")
     );
 }
+
+/// A backendRef to a workload's public Service that points at the gateways
+/// is that workload (cold path, measured); one whose public Service selects
+/// its pods (scaled on CPU) is a plain Service, reached through its slices.
+#[test]
+fn public_services_that_point_at_the_gateways_are_their_workloads() {
+    let public = |name: &str, workload: &str, selector: Value| -> Service {
+        from(
+            json!({"metadata": {"name": name, "namespace": "apps", "labels": {
+                "tandem.dev/service": "public", "tandem.dev/app": "shop", "tandem.dev/workload": workload}},
+            "spec": {"ports": [{"name": "http", "port": 80}], "selector": selector}}),
+        )
+    };
+    let mut cluster = Cluster::new().http_edge().route(
+        "apps",
+        "both",
+        json!({"parentRefs": [{"name": "edge", "namespace": "infra"}],
+               "rules": [{"backendRefs": [{"name": "shop-thumbs", "port": 80}, {"name": "shop-store", "port": 80}]}]}),
+    );
+    cluster.services = vec![
+        public("shop-thumbs", "thumbs", json!(null)),
+        public("shop-store", "store", json!({"tandem.dev/app": "shop"})),
+    ];
+    let outcome = cluster.compute();
+    let (listeners, _) = super::serve::compile(&outcome, &cluster.services, &[], &cluster.secrets);
+    let at: std::net::SocketAddr = "127.0.10.1:80".parse().unwrap();
+    let set = listeners.get(&at).expect("the listener");
+    let backends: Vec<_> = set.listeners[0].1.any[0]
+        .backends
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    use crate::gateway::table::WorkloadKey;
+    assert_eq!(
+        backends,
+        [
+            WorkloadKey {
+                namespace: "apps".into(),
+                app: "shop".into(),
+                workload: "thumbs".into()
+            },
+            WorkloadKey::service("apps", "shop-store", 80),
+        ]
+    );
+}

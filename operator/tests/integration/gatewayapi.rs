@@ -209,6 +209,17 @@ async fn the_generated_httproute_is_served_by_tandems_gateway_api_implementation
     )
     .await;
     assert_eq!(checkout, "store");
+    // It went to the store's own selector Service: the gateway did not
+    // count it as a request of the HybridApp's workload.
+    let metrics = gateway.metrics().await;
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("tandem_gateway_requests_total{")
+                && l.contains("app=\"shop\"")
+                && l.contains("workload=\"store\"")),
+        "the gateway counted /checkout as a request of workload store:\n{metrics}"
+    );
     // The Function at zero, woken by one request through the Gateway that is
     // held, not refused.
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = ns.api();
