@@ -376,11 +376,26 @@ impl RoutingTable {
             else {
                 continue;
             };
-            table.programmed.push(crate::protocol::Programmed {
-                namespace: namespace.clone(),
-                app: name.clone(),
-                generation: app.metadata.generation.unwrap_or_default(),
+            // Programmed (and so, for the operator, routable) only once every
+            // AlwaysOn workload has an endpoint here: until then its
+            // requests would get 503.
+            let routable = app.spec.workloads.iter().all(|w| {
+                w.mode != Mode::AlwaysOn
+                    || endpoints
+                        .get(&WorkloadKey {
+                            namespace: namespace.clone(),
+                            app: name.clone(),
+                            workload: w.name.clone(),
+                        })
+                        .is_some_and(|e| !e.is_empty())
             });
+            if routable {
+                table.programmed.push(crate::protocol::Programmed {
+                    namespace: namespace.clone(),
+                    app: name.clone(),
+                    generation: app.metadata.generation.unwrap_or_default(),
+                });
+            }
             for workload in &app.spec.workloads {
                 let key = WorkloadKey {
                     namespace: namespace.clone(),
@@ -906,6 +921,28 @@ mod tests {
             "no match: 404"
         );
         assert_eq!(t.route_count(), 7);
+    }
+
+    /// An app is reported programmed only once its AlwaysOn workload has an
+    /// endpoint (a Function at zero does not hold it back).
+    #[test]
+    fn apps_are_programmed_once_their_always_on_workloads_have_endpoints() {
+        let routes =
+            json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "a"}]}]);
+        let apps = [app("ns", "shop", &[], routes)];
+        let without = RoutingTable::build(&apps, &HashMap::new());
+        assert!(without.programmed().is_empty());
+        let a = WorkloadKey {
+            namespace: "ns".into(),
+            app: "shop".into(),
+            workload: "a".into(),
+        };
+        let with = RoutingTable::build(
+            &apps,
+            &HashMap::from([(a, vec!["10.0.0.1:80".parse().unwrap()])]),
+        );
+        assert_eq!(with.programmed().len(), 1);
+        assert_eq!(with.programmed()[0].app, "shop");
     }
 
     #[test]
