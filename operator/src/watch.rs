@@ -58,9 +58,44 @@ where
     let (store, writer) = reflector::store();
     let events = watcher(api, config)
         .modify(|object: &mut K| crate::api::contract::slim_managed_fields(object.meta_mut()));
-    let events = reflector::reflector(writer, events).default_backoff();
+    let events = relist_expired_at_once(reflector::reflector(writer, events)).default_backoff();
     spawn_events(events, on_event);
     store
+}
+
+/// How often an expired watch (410 Gone) relists at once, without backoff.
+const EXPIRED_RELIST_EVERY: Duration = Duration::from_secs(30);
+
+/// Lets a watch that expired (410 Gone: its resourceVersion was compacted
+/// away, typically after a connection outage) relist at once rather than
+/// after the backoff that the outage's failed attempts had grown (up to
+/// 30 s plus jitter, on top of the outage): the 410 is the API server
+/// answering, not failing. At most one 410 per [`EXPIRED_RELIST_EVERY`]
+/// skips the backoff, so a watch that keeps expiring cannot relist in a
+/// tight loop.
+pub fn relist_expired_at_once<K, S>(
+    events: S,
+) -> impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send
+where
+    K: Send + 'static,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let mut last: Option<tokio::time::Instant> = None;
+    events.filter_map(move |event| {
+        let pass = match &event {
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                let now = tokio::time::Instant::now();
+                let at_once = last.is_none_or(|at| now.duration_since(at) >= EXPIRED_RELIST_EVERY);
+                if at_once {
+                    last = Some(now);
+                    tracing::info!(reason = %status.message, "watch expired (410 Gone); relisting now");
+                }
+                !at_once
+            }
+            _ => true,
+        };
+        std::future::ready(pass.then_some(event))
+    })
 }
 
 fn spawn_events<K, S, F, Fut>(events: S, mut on_event: F)
@@ -122,7 +157,7 @@ where
         None => Api::all_with(client.clone(), &resource),
     };
     let reported: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
-    watcher(api, config)
+    relist_expired_at_once(watcher(api, config))
         .default_backoff()
         .filter_map(move |event| {
             let converted =
@@ -323,5 +358,54 @@ mod tests {
             seen.push(object.metadata.name.unwrap());
         }
         assert_eq!(seen, ["a", "b", "a", "c"]);
+    }
+
+    fn gone() -> Result<watcher::Event<ConfigMap>, watcher::Error> {
+        let mut status = kube::core::Status::failure("too old resource version", "Expired");
+        status.code = 410;
+        Err(watcher::Error::WatchError(Box::new(status)))
+    }
+
+    /// A 410 skips the backoff (it is not passed on) once per 30 s; other
+    /// errors and a second 410 within 30 s are passed on, to back off.
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_watch_relists_at_once_but_not_in_a_loop() {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = Box::pin(relist_expired_at_once(rx));
+        let passed = |item: Option<Result<watcher::Event<ConfigMap>, watcher::Error>>| match item {
+            Some(Ok(_)) => "event",
+            Some(Err(watcher::Error::WatchError(_))) => "410",
+            Some(Err(_)) => "other error",
+            None => "end",
+        };
+        tx.unbounded_send(gone()).unwrap();
+        tx.unbounded_send(Ok(watcher::Event::Init)).unwrap();
+        assert_eq!(
+            passed(out.next().await),
+            "event",
+            "the first 410 is dropped"
+        );
+        tx.unbounded_send(gone()).unwrap();
+        assert_eq!(
+            passed(out.next().await),
+            "410",
+            "a second one within 30 s backs off"
+        );
+        tx.unbounded_send(Err(watcher::Error::NoResourceVersion))
+            .unwrap();
+        assert_eq!(passed(out.next().await), "other error");
+        tokio::time::advance(Duration::from_secs(29)).await;
+        tx.unbounded_send(gone()).unwrap();
+        assert_eq!(passed(out.next().await), "410");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tx.unbounded_send(gone()).unwrap();
+        tx.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+        assert_eq!(
+            passed(out.next().await),
+            "event",
+            "30 s on, a 410 relists at once again"
+        );
+        drop(tx);
+        assert_eq!(passed(out.next().await), "end");
     }
 }
