@@ -10,6 +10,7 @@ pub mod controller;
 pub mod fleet;
 pub mod gateway;
 pub mod gatewayapi;
+pub mod keepalive;
 pub mod leader;
 pub mod migration;
 pub mod operator;

@@ -44,6 +44,18 @@ enum Command {
     /// /healthz, /readyz and /metrics on --admin-address. SIGTERM stops
     /// accepting and lets in-flight requests finish within --shutdown-grace.
     Gateway(Box<tandem::gateway::GatewayArgs>),
+    /// Replay an invocation trace through keep-alive policies (fixed 1, 10
+    /// and 60 minutes, the hybrid histogram, Tandem's adaptive policy) and
+    /// print, per policy, the per-workload cold-start percentage at p50,
+    /// p75 and p90 of workloads, the share of all invocations that were
+    /// cold, and wasted warm time relative to the fixed 10-minute policy.
+    ///
+    /// The trace is CSV with the header `workload,start_s,duration_s`, one
+    /// invocation per line, sorted by start_s (gzip accepted).
+    Plan(tandem::keepalive::cli::PlanArgs),
+    /// Generate a synthetic invocation trace shaped like the Azure
+    /// Functions trace (rates, timers, bursts, daily cycles), from a seed.
+    Trace(tandem::keepalive::cli::TraceArgs),
 }
 
 fn main() -> Result<()> {
@@ -60,5 +72,7 @@ fn main() -> Result<()> {
             tandem::telemetry::init(args.log_format);
             tokio::runtime::Runtime::new()?.block_on(tandem::gateway::run(*args))
         }
+        Command::Plan(args) => tandem::keepalive::cli::run_plan(&args),
+        Command::Trace(args) => tandem::keepalive::cli::run_trace(&args),
     }
 }
