@@ -14,7 +14,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::duration::Duration;
+use super::duration::{Duration, DurationOrAuto};
 
 /// Largest number of workloads in one HybridApp (bounds CEL cost).
 pub const MAX_WORKLOADS: usize = 16;
@@ -223,6 +223,9 @@ pub enum Metric {
     validation = Rule::new("!has(self.initialReplicas) || self.initialReplicas <= (has(self.maxReplicas) ? self.maxReplicas : 10)")
         .message("scaling.initialReplicas: must not exceed scaling.maxReplicas (default 10)")
         .field_path(".initialReplicas"),
+    validation = Rule::new("!has(self.maxKeepAlive) || (has(self.scaleToZeroAfter) && self.scaleToZeroAfter == 'Auto')")
+        .message("scaling.maxKeepAlive: only applies with scaleToZeroAfter: Auto")
+        .field_path(".maxKeepAlive"),
 )]
 pub struct Scaling {
     /// Fewest replicas. Function: 0 (the default; above 0 only with
@@ -249,12 +252,23 @@ pub struct Scaling {
     pub target_concurrency: Option<i32>,
 
     /// Function only: idle time (no request in flight or queued) before
-    /// scaling to zero, written like `60s` or `5m`. At least 10s, at most
-    /// 24h. Default 60s.
+    /// scaling to zero, written like `60s` or `5m` (at least 10s, at most
+    /// 24h; default 60s), or `Auto`: Tandem learns from the workload's
+    /// arrivals when to scale to zero after a request and when to pre-warm
+    /// before the next one (timer-like traffic is recognised and pre-warmed
+    /// for; see the README's "Letting traffic decide"), never keeping an
+    /// idle replica longer than `maxKeepAlive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 'Auto' || (duration(self) >= duration('10s') && duration(self) <= duration('24h'))")
+        .message("scaling.scaleToZeroAfter: must be Auto or between 10s and 24h (shorter makes a function flap between requests)"))]
+    pub scale_to_zero_after: Option<DurationOrAuto>,
+
+    /// With `scaleToZeroAfter: Auto`: the longest an idle replica is kept
+    /// (10s-24h). Default 4h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')")
-        .message("scaling.scaleToZeroAfter: must be between 10s and 24h (shorter makes a function flap between requests)"))]
-    pub scale_to_zero_after: Option<Duration>,
+        .message("scaling.maxKeepAlive: must be between 10s and 24h"))]
+    pub max_keep_alive: Option<Duration>,
 
     /// Function only: allow `minReplicas` above 0 to keep warm replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -283,8 +297,10 @@ pub struct ResolvedScaling {
     pub initial_replicas: i32,
     /// Target in-flight requests per replica.
     pub target_concurrency: i32,
-    /// Idle time before zero (Functions only).
+    /// Idle time before zero (Functions only); with `Auto`, the longest.
     pub scale_to_zero_after: Option<std::time::Duration>,
+    /// `scaleToZeroAfter: Auto`: learn the keep-alive, at most this long.
+    pub adaptive_keep_alive: Option<std::time::Duration>,
     /// What AlwaysOn scales on (`Concurrency` for Functions).
     pub metric: Metric,
     /// CPU target for `metric: cpu`.
@@ -295,6 +311,8 @@ pub struct ResolvedScaling {
 pub const DEFAULT_MAX_REPLICAS: i32 = 10;
 /// Default `scaleToZeroAfter`.
 pub const DEFAULT_SCALE_TO_ZERO_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+/// Default `maxKeepAlive`.
+pub const DEFAULT_MAX_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(4 * 3600);
 /// Default `requestTimeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -305,6 +323,16 @@ impl Scaling {
         let function = mode == Mode::Function;
         let max_replicas = s.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS);
         let min_replicas = s.min_replicas.unwrap_or(if function { 0 } else { 1 });
+        let adaptive = (function
+            && s.scale_to_zero_after
+                .as_ref()
+                .is_some_and(DurationOrAuto::is_auto))
+        .then(|| {
+            s.max_keep_alive
+                .as_ref()
+                .and_then(|d| d.to_std().ok())
+                .unwrap_or(DEFAULT_MAX_KEEP_ALIVE)
+        });
         ResolvedScaling {
             min_replicas,
             max_replicas,
@@ -317,11 +345,11 @@ impl Scaling {
                 .target_concurrency
                 .unwrap_or(if function { 10 } else { 50 }),
             scale_to_zero_after: function.then(|| {
-                s.scale_to_zero_after
-                    .as_ref()
-                    .and_then(|d| d.to_std().ok())
+                adaptive
+                    .or_else(|| s.scale_to_zero_after.as_ref().and_then(|d| d.fixed()))
                     .unwrap_or(DEFAULT_SCALE_TO_ZERO_AFTER)
             }),
+            adaptive_keep_alive: adaptive,
             metric: if function {
                 Metric::Concurrency
             } else {

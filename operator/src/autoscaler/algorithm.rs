@@ -44,6 +44,10 @@ pub struct ScalingPolicy {
     pub max_scale_down_rate: f64,
     /// Idle time before zero; `None` never scales to zero (AlwaysOn).
     pub scale_to_zero_after: Option<Duration>,
+    /// `scaleToZeroAfter: Auto`: the keep-alive (and pre-warm) is learned
+    /// from the workload's arrivals ([`crate::keepalive::adaptive`]), never
+    /// longer than this.
+    pub adaptive_keep_alive: Option<Duration>,
 }
 
 impl ScalingPolicy {
@@ -70,7 +74,14 @@ impl ScalingPolicy {
             max_scale_up_rate: 1000.0,
             max_scale_down_rate: 2.0,
             scale_to_zero_after,
+            adaptive_keep_alive: None,
         }
+    }
+
+    /// The same, with the keep-alive learned, at most `max`.
+    pub fn with_adaptive_keep_alive(mut self, max: Option<Duration>) -> Self {
+        self.adaptive_keep_alive = max;
+        self
     }
 
     fn per_replica(&self) -> f64 {
@@ -89,6 +100,8 @@ pub enum Reason {
     ScaledDown,
     /// Idle for `scale_to_zero_after`.
     ScaledToZero,
+    /// At zero, started before an expected request (`scaleToZeroAfter: Auto`).
+    PreWarmed,
     /// Nothing to change.
     Steady,
     /// No fresh signal from the gateways: keep the current scale.
@@ -103,6 +116,7 @@ impl Reason {
             Reason::ScaledUp => "ScaledUp",
             Reason::ScaledDown => "ScaledDown",
             Reason::ScaledToZero => "ScaledToZero",
+            Reason::PreWarmed => "PreWarmed",
             Reason::Steady => "Steady",
             Reason::HoldingWithoutSignal => "HoldingWithoutSignal",
         }
@@ -129,6 +143,9 @@ pub struct Observation {
     pub in_flight: f64,
     /// Requests held waiting for an endpoint, all gateways together.
     pub held: f64,
+    /// Requests started since the previous report (some may have finished
+    /// already: a short request between two reports is activity too).
+    pub requests: f64,
 }
 
 impl Observation {
@@ -138,6 +155,10 @@ impl Observation {
 
     fn busy(&self) -> bool {
         self.in_flight > 0.0 || self.held > 0.0
+    }
+
+    fn active(&self) -> bool {
+        self.busy() || self.requests > 0.0
     }
 }
 
@@ -150,6 +171,7 @@ pub struct Autoscaler {
     last_busy: Option<Duration>,
     panic_until: Option<Duration>,
     panic_floor: u32,
+    learned: Option<super::learned::Learned>,
 }
 
 impl Autoscaler {
@@ -158,12 +180,13 @@ impl Autoscaler {
     /// watched it idle for a full `scale_to_zero_after`.
     pub fn new(policy: ScalingPolicy, now: Duration) -> Self {
         Self {
-            policy,
             samples: VecDeque::new(),
             latest: None,
             last_busy: Some(now),
             panic_until: None,
             panic_floor: 0,
+            learned: policy.adaptive_keep_alive.map(super::learned::Learned::new),
+            policy,
         }
     }
 
@@ -174,7 +197,17 @@ impl Autoscaler {
 
     /// Replaces the policy (the spec changed), keeping the history.
     pub fn set_policy(&mut self, policy: ScalingPolicy) {
+        match (policy.adaptive_keep_alive, &mut self.learned) {
+            (Some(max), Some(learned)) => learned.set_max(max),
+            (Some(max), None) => self.learned = Some(super::learned::Learned::new(max)),
+            (None, _) => self.learned = None,
+        }
         self.policy = policy;
+    }
+
+    /// The learned keep-alive (`scaleToZeroAfter: Auto`), if any.
+    pub fn learned(&self) -> Option<&super::learned::Learned> {
+        self.learned.as_ref()
     }
 
     /// Records what the gateways reported at `now`; it holds until the
@@ -182,8 +215,11 @@ impl Autoscaler {
     pub fn observe(&mut self, now: Duration, observation: Observation) {
         self.samples.push_back((now, observation.concurrency()));
         self.latest = Some(observation);
-        if observation.busy() {
+        if observation.active() {
             self.last_busy = Some(now);
+        }
+        if let Some(learned) = &mut self.learned {
+            learned.observe(now, observation.active(), observation.held > 0.0);
         }
         // Keep the newest sample older than the stable window: it is the
         // value at the window's start.
@@ -271,10 +307,25 @@ impl Autoscaler {
             .last_busy
             .map(|at| now.saturating_sub(at))
             .unwrap_or(Duration::MAX);
+        let active = self.latest.is_some_and(|o| o.active());
+        let verdict = self.learned.as_mut().map(|l| l.verdict(now));
         let may_be_zero = p.min_replicas == 0
+            && !active
+            && match verdict {
+                // Learned: outside the window, once the shortest grace passed.
+                Some(verdict) => {
+                    verdict == super::learned::Verdict::Unloaded
+                        && idle_for >= super::learned::MIN_IDLE
+                }
+                None => p.scale_to_zero_after.is_some_and(|after| idle_for >= after),
+            };
+        let prewarm = current == 0
             && !busy
-            && p.scale_to_zero_after.is_some_and(|after| idle_for >= after);
-        let wanted = if current == 0 && !busy {
+            && p.min_replicas == 0
+            && verdict == Some(super::learned::Verdict::Loaded);
+        let wanted = if prewarm {
+            p.initial_replicas
+        } else if current == 0 && !busy {
             // Nothing is waiting: stay where the spec's minimum puts us.
             p.min_replicas
         } else {
@@ -295,6 +346,7 @@ impl Autoscaler {
             .max(p.min_replicas.min(p.max_replicas));
 
         let reason = match (current, wanted) {
+            (0, w) if w > 0 && prewarm => Reason::PreWarmed,
             (0, w) if w > 0 => Reason::ScaledFromZero,
             (c, 0) if c > 0 => Reason::ScaledToZero,
             (c, w) if w > c => Reason::ScaledUp,
@@ -306,9 +358,21 @@ impl Autoscaler {
                 "{} request(s) waiting; starting {wanted} replica(s)",
                 self.latest.map(|o| o.held + o.in_flight).unwrap_or(0.0)
             ),
-            Reason::ScaledToZero => {
-                format!("no request for {}s; scaled to zero", idle_for.as_secs())
-            }
+            Reason::ScaledToZero => match &self.learned {
+                Some(learned) => format!(
+                    "no request for {}s; scaled to zero; {}",
+                    idle_for.as_secs(),
+                    learned.describe(now)
+                ),
+                None => format!("no request for {}s; scaled to zero", idle_for.as_secs()),
+            },
+            Reason::PreWarmed => format!(
+                "starting {wanted} replica(s) before the next expected request; {}",
+                self.learned
+                    .as_ref()
+                    .map(|l| l.describe(now))
+                    .unwrap_or_default()
+            ),
             Reason::ScaledUp | Reason::ScaledDown | Reason::Steady => format!(
                 "{wanted} replica(s) for average concurrency {stable:.1} (stable) / {panic:.1} (panic) at {per_replica:.1} per replica{}",
                 if panicking { ", panicking" } else { "" }
@@ -349,6 +413,7 @@ mod tests {
                 Observation {
                     in_flight: *load,
                     held: 0.0,
+                    requests: 0.0,
                 },
             );
             replicas = autoscaler.decide(now, replicas, true).replicas;
@@ -367,6 +432,7 @@ mod tests {
             Observation {
                 in_flight: 0.0,
                 held: 1.0,
+                requests: 0.0,
             },
         );
         let decision = a.decide(TICK, 0, true);
@@ -390,11 +456,60 @@ mod tests {
             Observation {
                 in_flight: 0.0,
                 held: 0.0,
+                requests: 0.0,
             },
         );
         assert_eq!(
             a.decide(Duration::from_secs(100), 2, false).reason,
             Reason::HoldingWithoutSignal
+        );
+    }
+
+    /// `scaleToZeroAfter: Auto` on a timer: a short request every 60 s,
+    /// reported a second apart as the gateways do, with the replicas
+    /// following every decision. After learning, the replica is started
+    /// before each request (no request finds zero) and is at zero between
+    /// them; a request at zero waits and is answered when the replica is up.
+    #[test]
+    fn auto_prewarms_a_timer_before_each_request_and_is_at_zero_between() {
+        let policy = function(10, 10).with_adaptive_keep_alive(Some(Duration::from_secs(4 * 3600)));
+        let mut a = Autoscaler::new(policy, Duration::ZERO);
+        let mut replicas = 0u32;
+        let (mut cold_late, mut zero_between, mut prewarmed) = (0, 0, 0);
+        for t in 0..(60 * 14) {
+            let now = Duration::from_secs(t);
+            let beat = t % 60 == 30;
+            let held = if beat && replicas == 0 { 1.0 } else { 0.0 };
+            if beat && replicas == 0 && t > 60 * 8 {
+                cold_late += 1;
+            }
+            a.observe(
+                now,
+                Observation {
+                    in_flight: 0.0,
+                    held,
+                    requests: if beat { 1.0 } else { 0.0 },
+                },
+            );
+            let decision = a.decide(now, replicas, true);
+            if decision.reason == Reason::PreWarmed {
+                prewarmed += 1;
+                assert!(
+                    decision.message.contains("periodic, every 60s"),
+                    "{}",
+                    decision.message
+                );
+            }
+            replicas = decision.replicas;
+            if t > 60 * 8 && t % 60 == 0 && replicas == 0 {
+                zero_between += 1;
+            }
+        }
+        assert_eq!(cold_late, 0, "a request found zero after learning");
+        assert!(prewarmed >= 5, "{prewarmed} pre-warms");
+        assert!(
+            zero_between >= 5,
+            "at zero between requests {zero_between} times"
         );
     }
 
@@ -406,6 +521,7 @@ mod tests {
             Observation {
                 in_flight: 0.0,
                 held: 0.0,
+                requests: 0.0,
             },
         );
         assert_eq!(a.decide(Duration::from_secs(1010), 1, true).replicas, 1);
@@ -414,6 +530,7 @@ mod tests {
             Observation {
                 in_flight: 0.0,
                 held: 0.0,
+                requests: 0.0,
             },
         );
         assert_eq!(a.decide(Duration::from_secs(1061), 1, true).replicas, 0);
@@ -430,6 +547,7 @@ mod tests {
             Observation {
                 in_flight: 10.0,
                 held: 0.0,
+                requests: 0.0,
             },
         );
         for i in 0..40 {
@@ -438,6 +556,7 @@ mod tests {
                 Observation {
                     in_flight: 0.0,
                     held: 0.0,
+                    requests: 0.0,
                 },
             );
         }
@@ -446,6 +565,7 @@ mod tests {
             Observation {
                 in_flight: 10.0,
                 held: 0.0,
+                requests: 0.0,
             },
         );
         let stable = a.average(at(60), Duration::from_secs(60));
@@ -477,7 +597,7 @@ mod tests {
                 let load = if idle[i % idle.len()] { 0.0 } else { *load };
                 let now = TICK * (i as u32 + 1);
                 let held = if replicas == 0 { load } else { 0.0 };
-                a.observe(now, Observation { in_flight: load - held, held });
+                a.observe(now, Observation { in_flight: load - held, held, requests: 0.0 });
                 let next = a.decide(now, replicas, true).replicas;
                 prop_assert!(next <= max, "{next} > max {max}");
                 prop_assert!(next >= min, "{next} < min {min}");

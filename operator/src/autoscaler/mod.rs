@@ -4,6 +4,7 @@
 //! executes them ([`run`]).
 
 pub mod algorithm;
+pub mod learned;
 pub mod run;
 pub mod state;
 

@@ -76,13 +76,16 @@ impl Cluster for View {
             .copied()
             .unwrap_or(0);
         let min = (scaling.min_replicas.max(0) as u32).max(floor);
-        Some(ScalingPolicy::defaults(
-            min.min(scaling.max_replicas.max(1) as u32),
-            scaling.max_replicas.max(1) as u32,
-            scaling.initial_replicas.max(1) as u32,
-            scaling.target_concurrency.max(1) as u32,
-            scaling.scale_to_zero_after,
-        ))
+        Some(
+            ScalingPolicy::defaults(
+                min.min(scaling.max_replicas.max(1) as u32),
+                scaling.max_replicas.max(1) as u32,
+                scaling.initial_replicas.max(1) as u32,
+                scaling.target_concurrency.max(1) as u32,
+                scaling.scale_to_zero_after,
+            )
+            .with_adaptive_keep_alive(scaling.adaptive_keep_alive),
+        )
     }
 
     /// Workloads held by a migration's floor, and always-on workloads below
@@ -250,7 +253,11 @@ async fn scale(
     }
     if matches!(
         write.reason,
-        Reason::ScaledFromZero | Reason::ScaledToZero | Reason::ScaledUp | Reason::ScaledDown
+        Reason::ScaledFromZero
+            | Reason::PreWarmed
+            | Reason::ScaledToZero
+            | Reason::ScaledUp
+            | Reason::ScaledDown
     ) && let Some(app) = apps.get(&ObjectRef::new(&key.app).within(&key.namespace))
     {
         let event = Event {

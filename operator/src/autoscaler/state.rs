@@ -83,6 +83,8 @@ struct Report {
     at: Duration,
     in_flight: u64,
     held: u64,
+    /// Requests started in the interval this report covers.
+    requests: u64,
 }
 
 /// The last decision that changed a workload's scale.
@@ -106,13 +108,13 @@ struct Tracked {
 
 impl Tracked {
     fn observation(&self) -> Observation {
-        let (in_flight, held) = self
-            .reports
-            .values()
-            .fold((0, 0), |(f, h), r| (f + r.in_flight, h + r.held));
+        let (in_flight, held, requests) = self.reports.values().fold((0, 0, 0), |(f, h, n), r| {
+            (f + r.in_flight, h + r.held, n + r.requests)
+        });
         Observation {
             in_flight: in_flight as f64,
             held: held as f64,
+            requests: requests as f64,
         }
     }
 
@@ -170,6 +172,7 @@ impl ScalerState {
                 at: now,
                 in_flight: 0,
                 held: 0,
+                requests: 0,
             });
         report.at = now;
         report.held = demand.held;
@@ -193,27 +196,28 @@ impl ScalerState {
     /// A gateway's periodic report. It lists only workloads with traffic:
     /// every other workload it reported on before is idle there now.
     pub fn on_stats(&mut self, now: Duration, stats: &Stats, cluster: &impl Cluster) {
-        let listed: HashMap<&WorkloadRef, (u64, u64)> = stats
+        let listed: HashMap<&WorkloadRef, (u64, u64, u64)> = stats
             .workloads
             .iter()
-            .map(|w| (&w.workload, (w.in_flight, w.held)))
+            .map(|w| (&w.workload, (w.in_flight, w.held, w.requests)))
             .collect();
         for (workload, tracked) in &mut self.workloads {
             if !listed.contains_key(workload)
                 && let Some(report) = tracked.reports.get_mut(&stats.gateway)
             {
-                let changed = report.in_flight + report.held > 0;
+                let changed = report.in_flight + report.held + report.requests > 0;
                 *report = Report {
                     at: now,
                     in_flight: 0,
                     held: 0,
+                    requests: 0,
                 };
                 if changed {
                     tracked.record(now);
                 }
             }
         }
-        for (workload, (in_flight, held)) in listed {
+        for (workload, (in_flight, held, requests)) in listed {
             if let Some(tracked) = self.tracked(workload, now, cluster) {
                 tracked.reports.insert(
                     stats.gateway.clone(),
@@ -221,6 +225,7 @@ impl ScalerState {
                         at: now,
                         in_flight,
                         held,
+                        requests,
                     },
                 );
                 tracked.record(now);

@@ -127,6 +127,12 @@ impl Adaptive {
         }
     }
 
+    /// Changes the configuration, keeping what was learned.
+    pub fn configure(&mut self, config: AdaptiveConfig) {
+        self.config = config;
+        self.priced = None;
+    }
+
     /// The period of the recent arrivals, if they are timer-like.
     pub fn period(&self) -> Option<Period> {
         if self.arrivals.len() < PERIOD_MIN + 1 {
@@ -151,7 +157,8 @@ impl Adaptive {
         let mut distances: Vec<f64> = intervals.iter().map(|&i| distance(i)).collect();
         distances.sort_by(f64::total_cmp);
         let jitter = quantile(&distances, 0.5)?;
-        let tolerance = (0.02 * period).max(1.0);
+        // 1.5 s: arrivals reach the autoscaler with its stats, a second apart.
+        let tolerance = (0.02 * period).max(1.5);
         if 4.0 * tolerance > period {
             // Too short to tell beats from multiples of beats.
             return None;

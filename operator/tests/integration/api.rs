@@ -181,6 +181,27 @@ fn invalid_cases() -> Vec<Invalid> {
             says: "should match",
         },
         Invalid {
+            case: "scaleToZeroAfter auto in the wrong case",
+            name: "a",
+            spec: spec_with_workload("{scaling: {scaleToZeroAfter: auto}}"),
+            field: "spec.workloads[0].scaling.scaleToZeroAfter",
+            says: "should match",
+        },
+        Invalid {
+            case: "maxKeepAlive without scaleToZeroAfter: Auto",
+            name: "a",
+            spec: spec_with_workload("{scaling: {scaleToZeroAfter: 60s, maxKeepAlive: 1h}}"),
+            field: "spec.workloads[0].scaling.maxKeepAlive",
+            says: "only applies with scaleToZeroAfter: Auto",
+        },
+        Invalid {
+            case: "maxKeepAlive above a day",
+            name: "a",
+            spec: spec_with_workload("{scaling: {scaleToZeroAfter: Auto, maxKeepAlive: 48h}}"),
+            field: "spec.workloads[0].scaling.maxKeepAlive",
+            says: "between 10s and 24h",
+        },
+        Invalid {
             case: "scaleToZeroAfter on an AlwaysOn workload",
             name: "a",
             spec: spec_with_workload("{mode: AlwaysOn, scaling: {scaleToZeroAfter: 60s}}"),

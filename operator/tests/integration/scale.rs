@@ -485,3 +485,81 @@ async fn operator_kubeconfig_again(namespace: &str) -> std::path::PathBuf {
     .unwrap();
     file
 }
+
+/// Cold starts the gateway counted, over all workloads.
+fn cold_starts(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tandem_gateway_cold_starts"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_keep_alive_prewarms_a_timer_like_function_before_each_call_and_is_at_zero_between() {
+    install_crd().await;
+    let ns = TestNamespace::create("timer").await;
+    let (_operator, gateway) = function_behind_a_gateway(
+        &ns,
+        "tick",
+        json!({"scaleToZeroAfter": "Auto"}),
+        json!([{"name": "ECHO_STARTUP_DELAY_MS", "value": "300"}]),
+    )
+    .await;
+    let deployments: Api<Deployment> = ns.api();
+    let apps: Api<HybridApp> = ns.api();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    const PERIOD: Duration = Duration::from_secs(25);
+    const CALLS: usize = 8;
+    // Calls 1-4 teach the period (the first is cold; while learning the
+    // replica is kept); from the 5th on each must find a replica started
+    // before it, with zero replicas in between.
+    let mut next = tokio::time::Instant::now();
+    let mut zero_between = Vec::new();
+    let mut cold_per_call = Vec::new();
+    for call in 1..=CALLS {
+        let mut saw_zero = false;
+        while tokio::time::Instant::now() < next {
+            if replicas(&deployments, "tick-fn").await == Ok(0) {
+                saw_zero = true;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        next += PERIOD;
+        zero_between.push(saw_zero);
+        let before = cold_starts(&gateway.metrics().await);
+        let request = http::Request::get(gateway.url(&format!("/tick/{call}")))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
+            .await
+            .expect("an answer within 60 s")
+            .expect("an answer");
+        assert_eq!(response.status(), 200, "call {call}");
+        let after = cold_starts(&gateway.metrics().await);
+        cold_per_call.push(after - before);
+    }
+    let app = apps.get("tick").await.unwrap();
+    let autoscaled = app
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Autoscaled"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    eprintln!(
+        "cold starts per call {cold_per_call:?}; zero before each call {zero_between:?}; Autoscaled: {autoscaled}"
+    );
+    assert_eq!(cold_per_call[0], 1.0, "the first call finds zero");
+    assert!(
+        cold_per_call[4..].iter().all(|&c| c == 0.0),
+        "after learning, calls were cold: {cold_per_call:?}"
+    );
+    assert!(
+        zero_between[5..].iter().all(|&z| z),
+        "not at zero between calls: {zero_between:?}"
+    );
+    assert!(
+        autoscaled.contains("keep-alive Auto (periodic, every 2"),
+        "{autoscaled}"
+    );
+}
