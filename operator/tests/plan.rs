@@ -9,6 +9,25 @@ fn tandem(args: &[&str]) -> std::process::Output {
         .expect("run tandem")
 }
 
+/// `tandem plan --trace TRACE --format json EXTRA...`, which must succeed.
+fn plan_json(trace: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "plan",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let out = tandem(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
 #[test]
 fn plan_prints_every_policy_as_json_for_a_generated_trace() {
     let dir = std::env::temp_dir().join(format!("tandem-plan-{}", std::process::id()));
@@ -30,19 +49,7 @@ fn plan_prints_every_policy_as_json_for_a_generated_trace() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = tandem(&[
-        "plan",
-        "--trace",
-        trace.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let plan = plan_json(&trace, &[]);
     let policies = plan["policies"].as_array().expect("policies");
     let names: Vec<&str> = policies
         .iter()
@@ -73,6 +80,34 @@ fn plan_prints_every_policy_as_json_for_a_generated_trace() {
         }
     }
     assert_eq!(policies[1]["waste_vs_fixed_10m"], 1.0);
+    // Placement: each workload Function or AlwaysOn, AlwaysOn exactly when
+    // its cold starts as a Function pass the budget, and no placement
+    // dearer than all AlwaysOn.
+    let with = plan_json(&trace, &["--placement", "--cold-start-budget", "2%"]);
+    let placement = &with["placement"];
+    let workloads = placement["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len() as u64, plan["workloads"].as_u64().unwrap());
+    for w in workloads {
+        let cold = w["cold_pct"].as_f64().unwrap();
+        let wanted = if cold > 2.0 { "AlwaysOn" } else { "Function" };
+        assert_eq!(w["placement"], wanted, "{w}");
+        assert!(
+            w["function_cost"].as_f64() <= w["always_on_cost"].as_f64(),
+            "{w}"
+        );
+    }
+    assert!(placement["cost"].as_f64() <= placement["allAlwaysOnCost"].as_f64());
+    assert!(placement["cost"].as_f64() >= placement["allFunctionsCost"].as_f64());
+    let bad = tandem(&[
+        "plan",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--placement",
+        "--cold-start-budget",
+        "150%",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("between 0% and 100%"));
     // The same trace, uncompressed, as text: the same numbers.
     let plain = dir.join("trace.csv");
     let text = tandem(&[

@@ -27,6 +27,7 @@
 pub mod adaptive;
 pub mod cli;
 pub mod hybrid;
+pub mod placement;
 pub mod rng;
 pub mod simulate;
 pub mod trace;

@@ -19,6 +19,8 @@ pub struct Outcome {
     pub cold: u64,
     /// Instance seconds loaded and idle.
     pub waste_s: f64,
+    /// Seconds with at least one invocation running.
+    pub busy_s: f64,
 }
 
 impl Outcome {
@@ -37,12 +39,17 @@ impl Outcome {
 pub fn simulate(calls: &[Invocation], policy: &mut dyn KeepAlive, end_s: f64) -> Outcome {
     let mut outcome = Outcome::default();
     let mut busy_until = f64::NEG_INFINITY;
+    let mut busy_from = 0.0;
     let mut started = false;
     for call in calls {
         outcome.invocations += 1;
         if started && call.start_s < busy_until {
             policy.arrival(call.start_s, None);
         } else {
+            if started {
+                outcome.busy_s += busy_until - busy_from;
+            }
+            busy_from = call.start_s;
             let idle_since = if started {
                 // The workload fell idle at `busy_until`: the policy decides
                 // then, before it sees this arrival.
@@ -61,8 +68,11 @@ pub fn simulate(calls: &[Invocation], policy: &mut dyn KeepAlive, end_s: f64) ->
         }
         busy_until = busy_until.max(call.start_s + call.duration_s);
     }
-    if started && end_s > busy_until {
-        outcome.waste_s += idle_period(policy, busy_until, end_s).0;
+    if started {
+        outcome.busy_s += busy_until - busy_from;
+        if end_s > busy_until {
+            outcome.waste_s += idle_period(policy, busy_until, end_s).0;
+        }
     }
     outcome
 }
@@ -323,6 +333,7 @@ mod tests {
         let c = calls(&[0.0, 60.0, 660.0, 720.0], 1.0);
         let o = simulate(&c, &mut Fixed::new(600.0), 721.0);
         assert_eq!((o.invocations, o.cold), (4, 1));
+        assert!((o.busy_s - 4.0).abs() < 1e-9, "{o:?}");
         assert!((o.waste_s - (59.0 + 599.0 + 59.0)).abs() < 1e-9, "{o:?}");
         let o = simulate(&c, &mut Fixed::new(60.0), 2000.0);
         assert_eq!(o.cold, 2);
@@ -360,6 +371,7 @@ mod tests {
         let mut spy = Spy(Vec::new());
         let o = simulate(&c, &mut spy, 21.0);
         assert_eq!(o.cold, 2);
+        assert!((o.busy_s - 11.0).abs() < 1e-9, "{o:?}");
         assert_eq!(spy.0, vec![10.0]);
     }
 
