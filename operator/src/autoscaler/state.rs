@@ -691,4 +691,69 @@ mod tests {
             }
         }
     }
+
+    proptest! {
+        // Each case replays an hour of reports after the traffic.
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// `scaleToZeroAfter: Auto`, whatever the traffic (bursts, gaps,
+        /// short requests seen only as started): never zero while a report
+        /// shows activity, within bounds, and once the traffic stops, at
+        /// zero for good well within an hour (maxKeepAlive 5 minutes).
+        #[test]
+        fn auto_is_never_zero_while_active_and_ends_at_zero_for_good(
+            loads in prop::collection::vec((0u64..20, 0u64..3, 0u64..3, 0u64..40), 1..120),
+        ) {
+            let mut cluster = Fake::function(5);
+            cluster.policy = cluster.policy.clone().with_adaptive_keep_alive(Some(Duration::from_secs(300)));
+            let mut state = ScalerState::default();
+            let mut now = Duration::ZERO;
+            let report = |in_flight: u64, held: u64, requests: u64| Stats {
+                gateway: "gw".into(),
+                interval_ms: 1000,
+                workloads: (in_flight + held + requests > 0)
+                    .then(|| WorkloadStats { workload: key("fn"), in_flight, held, requests })
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            };
+            let step = |state: &mut ScalerState, now: Duration, in_flight: u64, held: u64, requests: u64| {
+                // At zero nothing runs: every request there is held.
+                let at_zero = cluster.at("fn") == 0;
+                let (in_flight, held) = if at_zero {
+                    (0, (in_flight + held).max(u64::from(requests > 0)))
+                } else {
+                    (in_flight, held)
+                };
+                state.on_stats(now, &report(in_flight, held, requests), &cluster);
+                if held > 0 && let Some(write) = state.on_demand(now, &demand("gw", "fn", held), &cluster) {
+                    cluster.apply(state, now, &[write]);
+                }
+                let outcome = state.tick(now + Duration::from_millis(500), &cluster);
+                let prewarmed = outcome.writes.iter().any(|w| w.reason == Reason::PreWarmed);
+                cluster.apply(state, now, &outcome.writes);
+                (in_flight + held + requests > 0, cluster.at("fn"), prewarmed)
+            };
+            for (in_flight, held, requests, gap) in loads {
+                // A burst of one report, then `gap` idle seconds.
+                now += Duration::from_secs(1);
+                let (active, replicas, _) = step(&mut state, now, in_flight % 3, held, requests);
+                prop_assert!(replicas <= 50);
+                prop_assert!(!(active && replicas == 0), "zero while active at {now:?}");
+                for _ in 0..gap {
+                    now += Duration::from_secs(1);
+                    step(&mut state, now, 0, 0, 0);
+                }
+            }
+            let stopped = now;
+            for _ in 0..3600 {
+                now += Duration::from_secs(1);
+                let (_, replicas, prewarmed) = step(&mut state, now, 0, 0, 0);
+                if now > stopped + Duration::from_secs(1800) {
+                    prop_assert!(!prewarmed, "pre-warmed {:?} after the traffic stopped", now - stopped);
+                    prop_assert_eq!(replicas, 0);
+                }
+            }
+        }
+    }
 }
