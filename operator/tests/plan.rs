@@ -9,6 +9,26 @@ fn tandem(args: &[&str]) -> std::process::Output {
         .expect("run tandem")
 }
 
+/// `tandem trace` of 60 workloads over 2 days, seed 4, to `out`.
+fn generate(out: &std::path::Path) {
+    let done = tandem(&[
+        "trace",
+        "--workloads",
+        "60",
+        "--days",
+        "2",
+        "--seed",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+}
+
 /// `tandem plan --trace TRACE --format json EXTRA...`, which must succeed.
 fn plan_json(trace: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
@@ -33,22 +53,7 @@ fn plan_prints_every_policy_as_json_for_a_generated_trace() {
     let dir = std::env::temp_dir().join(format!("tandem-plan-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let trace = dir.join("trace.csv.gz");
-    let out = tandem(&[
-        "trace",
-        "--workloads",
-        "60",
-        "--days",
-        "2",
-        "--seed",
-        "4",
-        "--out",
-        trace.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    generate(&trace);
     let plan = plan_json(&trace, &[]);
     let policies = plan["policies"].as_array().expect("policies");
     let names: Vec<&str> = policies
@@ -110,18 +115,7 @@ fn plan_prints_every_policy_as_json_for_a_generated_trace() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("between 0% and 100%"));
     // The same trace, uncompressed, as text: the same numbers.
     let plain = dir.join("trace.csv");
-    let text = tandem(&[
-        "trace",
-        "--workloads",
-        "60",
-        "--days",
-        "2",
-        "--seed",
-        "4",
-        "--out",
-        plain.to_str().unwrap(),
-    ]);
-    assert!(text.status.success());
+    generate(&plain);
     let table = tandem(&["plan", "--trace", plain.to_str().unwrap()]);
     let table = String::from_utf8(table.stdout).unwrap();
     let adaptive = &policies[4];

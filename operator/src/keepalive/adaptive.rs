@@ -386,23 +386,10 @@ mod tests {
     /// Feeds invocations at `starts`, each busy for `busy` seconds, and
     /// returns whether each found an instance loaded.
     fn replay(policy: &mut Adaptive, starts: &[f64], busy: f64) -> Vec<bool> {
-        let mut window: Option<(f64, Window)> = None;
-        let mut warm = Vec::new();
-        for &start in starts {
-            let (idle_since, was_warm) = match window {
-                Some((since, w)) => (Some(since), w.warm_at(start - since)),
-                None => (None, false),
-            };
-            warm.push(was_warm);
-            policy.arrival(start, idle_since);
-            let idle_from = start + busy;
-            window = Some((idle_from, policy.window(idle_from)));
-        }
-        warm
+        replay_with_waste(policy, starts, busy).0
     }
 
-    /// [`replay`], following missed windows, with the idle time loaded
-    /// from the 13th arrival on.
+    /// [`replay`], with the idle time loaded from the 13th arrival on.
     fn replay_with_waste(policy: &mut Adaptive, starts: &[f64], busy: f64) -> (Vec<bool>, f64) {
         let mut idle_from: Option<f64> = None;
         let mut warm = Vec::new();
@@ -410,21 +397,12 @@ mod tests {
         for (i, &start) in starts.iter().enumerate() {
             let was_warm = match idle_from {
                 Some(from) => {
-                    let (mut opened, mut w) = (from, policy.window(from));
-                    loop {
-                        let idle = start - opened;
-                        if i >= 12 {
-                            waste += w.waste(idle);
-                        }
-                        if idle <= w.end_s() {
-                            break w.warm_at(idle);
-                        }
-                        opened += w.end_s();
-                        match policy.missed(opened) {
-                            Some(next) => w = next,
-                            None => break false,
-                        }
+                    let (loaded, was_warm) =
+                        crate::keepalive::simulate::idle_period(policy, from, start);
+                    if i >= 12 {
+                        waste += loaded;
                     }
+                    was_warm
                 }
                 None => false,
             };

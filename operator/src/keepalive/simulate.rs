@@ -82,7 +82,7 @@ const CHAINED_WINDOWS: usize = 64;
 
 /// One idle period from `from` to `until`: the idle time loaded, and
 /// whether an arrival at `until` is warm.
-fn idle_period(policy: &mut dyn KeepAlive, from: f64, until: f64) -> (f64, bool) {
+pub(crate) fn idle_period(policy: &mut dyn KeepAlive, from: f64, until: f64) -> (f64, bool) {
     let mut opened = from;
     let mut window = policy.window(from);
     let mut waste = 0.0;
