@@ -9,8 +9,12 @@
 //! in the first [`MIN_IDLE`] of an idle period, the shortest fixed
 //! `scaleToZeroAfter`, so bursts do not flap), and a Function at zero is
 //! scaled up when the window opens (a pre-warm). The time requests wait at
-//! zero, measured, becomes the policy's cold-start estimate, so pre-warms
-//! start that much earlier.
+//! zero, measured, becomes the cold-start estimate; a request still held
+//! after a pre-warm measures the whole start, from the pre-warm on (the
+//! pre-warm came that much too late). The estimate follows a slower start
+//! at once and a faster one by halves, and pre-warms lead by twice it:
+//! starts vary with the node's load, and starting early costs seconds of
+//! an idle replica where starting late costs a cold request.
 
 use std::time::Duration;
 
@@ -21,6 +25,9 @@ use crate::keepalive::{Explanation, KeepAlive, Window};
 pub const MIN_IDLE: Duration = Duration::from_secs(10);
 /// The cold-start estimate before one was measured.
 pub const INITIAL_COLD_START: Duration = Duration::from_secs(3);
+/// No start is counted as longer than this (a replica that never became
+/// ready is not a cold start to plan for).
+pub const MAX_COLD_START: Duration = Duration::from_secs(60);
 
 /// What the learned keep-alive says at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +59,7 @@ fn secs(at: Duration) -> f64 {
 fn config(max: Duration, cold_start: Duration) -> AdaptiveConfig {
     AdaptiveConfig {
         max_keep_alive_s: secs(max),
-        cold_start_s: secs(cold_start),
+        cold_start_s: 2.0 * secs(cold_start),
         ..AdaptiveConfig::default()
     }
 }
@@ -79,7 +86,7 @@ impl Learned {
         }
     }
 
-    /// The measured cold start (requests' wait at zero, smoothed).
+    /// The measured cold start (see the module docs).
     pub fn cold_start(&self) -> Duration {
         self.cold_start
     }
@@ -88,11 +95,17 @@ impl Learned {
     /// in flight, held or started; `held` when any is held.
     pub fn observe(&mut self, now: Duration, active: bool, held: bool) {
         if held {
-            self.held_since.get_or_insert(now);
+            if self.held_since.is_none() {
+                // Held inside an opened pre-warm window: the start began
+                // when the window opened.
+                let prewarmed = self.window().filter(|&(opens, _)| {
+                    opens <= now && self.window.is_some_and(|(_, w)| w.prewarm_s > 0.0)
+                });
+                self.held_since = Some(prewarmed.map_or(now, |(opens, _)| opens));
+            }
         } else if let Some(since) = self.held_since.take() {
-            // Smoothed, so one slow start does not move pre-warms far.
-            let took = now.saturating_sub(since);
-            self.cold_start = (self.cold_start + took) / 2;
+            let took = now.saturating_sub(since).min(MAX_COLD_START);
+            self.cold_start = took.max((self.cold_start + took) / 2);
             self.policy.configure(config(self.max, self.cold_start));
         }
         if active && !self.busy {
@@ -200,7 +213,7 @@ mod tests {
         let mut learned = Learned::new(Duration::from_secs(4 * 3600));
         let verdicts = drive(&mut learned, 60, 12);
         // After learning (6 beats), the second before each beat is loaded
-        // (the cold start, 3 s, is part of the lead) and the middle of the
+        // (twice the cold start, 3 s, is part of the lead) and the middle of the
         // period unloaded.
         for beat in 6..12 {
             let before = beat * 60 - 1;
@@ -237,8 +250,33 @@ mod tests {
     #[test]
     fn the_wait_at_zero_becomes_the_cold_start_estimate() {
         let mut learned = Learned::new(Duration::from_secs(3600));
+        // Slower than the estimate: followed at once.
         learned.observe(Duration::from_secs(0), true, true);
         learned.observe(Duration::from_secs(7), true, false);
-        assert_eq!(learned.cold_start(), Duration::from_secs(5));
+        assert_eq!(learned.cold_start(), Duration::from_secs(7));
+        // Faster: by halves.
+        learned.observe(Duration::from_secs(100), true, true);
+        learned.observe(Duration::from_secs(101), true, false);
+        assert_eq!(learned.cold_start(), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn a_request_held_after_a_late_prewarm_counts_the_start_from_the_prewarm() {
+        let mut learned = Learned::new(Duration::from_secs(4 * 3600));
+        drive(&mut learned, 60, 8);
+        let t = |s: u64| Duration::from_secs(s);
+        // Idle after the last beat (at 420 s); the next is due at 480 s.
+        learned.observe(t(421), false, false);
+        let (opens, _) = learned.window().expect("a pre-warm window");
+        assert!(opens > t(421) && opens < t(480), "{opens:?}");
+        assert_eq!(learned.verdict(t(479)), Verdict::Loaded);
+        // The pre-warm did not make it: the request waits 5 s.
+        learned.observe(t(480), true, true);
+        learned.observe(t(485), true, false);
+        assert_eq!(learned.cold_start(), t(485) - opens);
+        // So the next pre-warm opens earlier before its beat.
+        learned.observe(t(486), false, false);
+        let (next_opens, _) = learned.window().unwrap();
+        assert!(t(540) - next_opens > t(480) - opens, "{next_opens:?}");
     }
 }
