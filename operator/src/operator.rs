@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::api::Duration as KubeDuration;
 use crate::controller::{self, ControllerSettings, metrics::ControllerMetrics};
+use crate::keepalive::placement::Prices;
 use crate::leader::{self, Fence, FenceLayer, LeaseConfig};
 use crate::telemetry::LogFormat;
 
@@ -77,6 +78,24 @@ pub struct OperatorArgs {
     /// hostname and process id).
     #[arg(long, env = "TANDEM_IDENTITY")]
     pub identity: Option<String>,
+
+    /// Price of one vCPU for an hour, for `mode: Auto` placement and the
+    /// costs in status (default: AWS Fargate on-demand, us-east-1).
+    #[arg(long, env = "TANDEM_PRICE_VCPU_HOUR", default_value_t = Prices::default().per_vcpu_hour, value_parser = parse_price)]
+    pub price_vcpu_hour: f64,
+
+    /// Price of one GiB of memory for an hour (default: as above).
+    #[arg(long, env = "TANDEM_PRICE_GIB_HOUR", default_value_t = Prices::default().per_gib_hour, value_parser = parse_price)]
+    pub price_gib_hour: f64,
+}
+
+/// Parses a price flag: a finite number, not negative.
+pub fn parse_price(text: &str) -> Result<f64, String> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|p| p.is_finite() && *p >= 0.0)
+        .ok_or_else(|| format!("{text}: expected a price, a number >= 0 such as 0.04"))
 }
 
 /// Parses a Kubernetes-style duration flag (`15s`, `5m`).
@@ -195,6 +214,10 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         args.watch_namespace.clone(),
         meter.clone(),
         fleet.clone(),
+        Prices {
+            per_vcpu_hour: args.price_vcpu_hour,
+            per_gib_hour: args.price_gib_hour,
+        },
     ));
     let ready = admin_state.clone();
     let controller = controller::run(

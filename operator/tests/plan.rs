@@ -86,15 +86,22 @@ fn plan_prints_every_policy_as_json_for_a_generated_trace() {
     }
     assert_eq!(policies[1]["waste_vs_fixed_10m"], 1.0);
     // Placement: each workload Function or AlwaysOn, AlwaysOn exactly when
-    // its cold starts as a Function pass the budget, and no placement
-    // dearer than all AlwaysOn.
+    // its cold starts as a Function pass the budget or a Function would
+    // save under 10% of the replica's cost, and no placement dearer than
+    // all AlwaysOn.
     let with = plan_json(&trace, &["--placement", "--cold-start-budget", "2%"]);
     let placement = &with["placement"];
     let workloads = placement["workloads"].as_array().unwrap();
     assert_eq!(workloads.len() as u64, plan["workloads"].as_u64().unwrap());
     for w in workloads {
         let cold = w["cold_pct"].as_f64().unwrap();
-        let wanted = if cold > 2.0 { "AlwaysOn" } else { "Function" };
+        let saving =
+            1.0 - w["function_cost"].as_f64().unwrap() / w["always_on_cost"].as_f64().unwrap();
+        let wanted = if cold > 2.0 || saving < 0.1 {
+            "AlwaysOn"
+        } else {
+            "Function"
+        };
         assert_eq!(w["placement"], wanted, "{w}");
         assert!(
             w["function_cost"].as_f64() <= w["always_on_cost"].as_f64(),

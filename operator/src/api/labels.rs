@@ -74,5 +74,6 @@ pub fn mode_value(mode: Mode) -> &'static str {
     match mode {
         Mode::Function => "function",
         Mode::AlwaysOn => "always-on",
+        Mode::Auto => "auto",
     }
 }

@@ -142,14 +142,14 @@ pub struct ParentRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.mode != 'Function' || !has(self.scaling) || !has(self.scaling.minReplicas) || self.scaling.minReplicas == 0 || (has(self.scaling.keepWarm) && self.scaling.keepWarm)")
-        .message("scaling.minReplicas: a Function scales to zero, so minReplicas must be 0 unless scaling.keepWarm is true")
+    validation = Rule::new("self.mode == 'AlwaysOn' || !has(self.scaling) || !has(self.scaling.minReplicas) || self.scaling.minReplicas == 0 || (has(self.scaling.keepWarm) && self.scaling.keepWarm)")
+        .message("scaling.minReplicas: a Function (or Auto) workload scales to zero, so minReplicas must be 0 unless scaling.keepWarm is true")
         .field_path(".scaling.minReplicas"),
     validation = Rule::new("self.mode != 'AlwaysOn' || !has(self.scaling) || !has(self.scaling.minReplicas) || self.scaling.minReplicas >= 1")
         .message("scaling.minReplicas: an AlwaysOn workload keeps at least 1 replica; use mode: Function to scale to zero")
         .field_path(".scaling.minReplicas"),
-    validation = Rule::new("self.mode == 'Function' || !has(self.scaling) || !has(self.scaling.scaleToZeroAfter)")
-        .message("scaling.scaleToZeroAfter: only a Function scales to zero; remove it or use mode: Function")
+    validation = Rule::new("self.mode != 'AlwaysOn' || !has(self.scaling) || !has(self.scaling.scaleToZeroAfter)")
+        .message("scaling.scaleToZeroAfter: only a Function (or Auto) workload scales to zero; remove it or use mode: Function")
         .field_path(".scaling.scaleToZeroAfter"),
     validation = Rule::new("self.mode == 'Function' || !has(self.scaling) || !has(self.scaling.keepWarm)")
         .message("scaling.keepWarm: only applies to a Function")
@@ -157,6 +157,9 @@ pub struct ParentRef {
     validation = Rule::new("self.mode == 'AlwaysOn' || !has(self.scaling) || !has(self.scaling.metric)")
         .message("scaling.metric: a Function always scales on concurrency; metric applies to AlwaysOn workloads")
         .field_path(".scaling.metric"),
+    validation = Rule::new("self.mode == 'Auto' || !has(self.placement)")
+        .message("placement: only applies with mode: Auto")
+        .field_path(".placement"),
 )]
 pub struct Workload {
     /// Name of the workload, unique in this app: a DNS label of at most 30
@@ -168,8 +171,16 @@ pub struct Workload {
     pub name: String,
 
     /// `Function`: scaled to and from zero by demand, with requests held while
-    /// it starts. `AlwaysOn`: at least one replica at all times.
+    /// it starts. `AlwaysOn`: at least one replica at all times. `Auto`:
+    /// Tandem decides from the observed traffic, a cold-start budget and
+    /// replica cost whether it keeps a replica or may go to zero (see
+    /// `placement` and `status.placements`).
     pub mode: Mode,
+
+    /// With `mode: Auto`: the cold-start budget and dwell time the
+    /// placement is decided with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSpec>,
 
     /// The container port that serves HTTP (1-65535).
     #[validate(range(min = 1, max = 65535))]
@@ -199,6 +210,60 @@ pub enum Mode {
     Function,
     /// Always-on deployment: at least `minReplicas` (>= 1) replicas.
     AlwaysOn,
+    /// Tandem places it: as a Function or keeping a replica, whichever the
+    /// observed traffic, the cold-start budget and the replica's cost say.
+    Auto,
+}
+
+impl Mode {
+    /// Function or Auto: run the Function's way (reached through the
+    /// gateways, held and woken at zero), whether or not it may go to zero
+    /// right now.
+    pub fn function_like(self) -> bool {
+        self != Mode::AlwaysOn
+    }
+}
+
+/// How `mode: Auto` decides. Omitted fields take the defaults in their
+/// descriptions.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Highest share of requests that may meet a cold start, written like
+    /// `1%` or `0.5%`. Run as a Function while its cold starts stay within
+    /// this; keep a replica when they would not. Default `1%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[validate(length(max = 8))]
+    #[x_kube(validation = Rule::new("self.matches('^(100|[0-9]{1,2}(\\\\.[0-9]{1,3})?)%$')")
+        .message("placement.coldStartBudget: must be a percent from 0% to 100%, such as 1% or 0.5%"))]
+    pub cold_start_budget: Option<String>,
+
+    /// Least time between two changes of placement, and the span of traffic
+    /// each decision looks at (10s-24h). Default 15m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')")
+        .message("placement.minDwell: must be between 10s and 24h"))]
+    pub min_dwell: Option<Duration>,
+}
+
+/// Default `placement.coldStartBudget`, percent.
+pub const DEFAULT_COLD_START_BUDGET_PCT: f64 = 1.0;
+/// Default `placement.minDwell`.
+pub const DEFAULT_MIN_DWELL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+impl PlacementSpec {
+    /// The budget in percent and the dwell, defaults filled in.
+    pub fn resolve(spec: Option<&PlacementSpec>) -> (f64, std::time::Duration) {
+        let budget = spec
+            .and_then(|p| p.cold_start_budget.as_deref())
+            .and_then(crate::migration::parse_percent)
+            .unwrap_or(DEFAULT_COLD_START_BUDGET_PCT);
+        let dwell = spec
+            .and_then(|p| p.min_dwell.as_ref())
+            .and_then(|d| d.to_std().ok())
+            .unwrap_or(DEFAULT_MIN_DWELL);
+        (budget, dwell)
+    }
 }
 
 /// What an AlwaysOn workload scales on.
@@ -320,7 +385,7 @@ impl Scaling {
     /// Fills in the defaults for `mode` (see the field descriptions).
     pub fn resolve(scaling: Option<&Scaling>, mode: Mode) -> ResolvedScaling {
         let s = scaling.cloned().unwrap_or_default();
-        let function = mode == Mode::Function;
+        let function = mode.function_like();
         let max_replicas = s.max_replicas.unwrap_or(DEFAULT_MAX_REPLICAS);
         let min_replicas = s.min_replicas.unwrap_or(if function { 0 } else { 1 });
         let adaptive = (function
@@ -371,7 +436,7 @@ impl Workload {
     /// autoscaler scales on the concurrency the gateways measure. An
     /// AlwaysOn workload scaled on CPU is reached directly.
     pub fn through_gateway(&self) -> bool {
-        self.mode == Mode::Function || self.scaling().metric == Metric::Concurrency
+        self.mode.function_like() || self.scaling().metric == Metric::Concurrency
     }
 
     /// The gateway's deadline for one request, including a cold start.
@@ -620,6 +685,50 @@ pub struct HybridAppStatus {
     /// Routes whose migration has not ended, like `search Progressing 25%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrations: Option<String>,
+
+    /// Where `mode: Auto` placed each of its workloads, and the numbers
+    /// the placement was decided on (written by the autoscaler).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["workload"]))]
+    pub placements: Vec<PlacementStatus>,
+}
+
+/// The placement of one `mode: Auto` workload. The figures are those of
+/// the workload run as a Function (its keep-alive replayed on its traffic)
+/// over the last `placement.minDwell`; costs at the operator's prices.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementStatus {
+    /// Workload name.
+    pub workload: String,
+    /// `Function` (may go to zero) or `AlwaysOn` (keeps a replica).
+    pub placement: crate::keepalive::placement::Placement,
+    /// When it was placed so.
+    pub since: Time,
+    /// Requests that would meet a cold start as a Function, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start_percent: Option<f64>,
+    /// The budget for them, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start_budget_percent: Option<f64>,
+    /// Hours of traffic the figures cover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_hours: Option<f64>,
+    /// Replica-hours a Function would have been loaded in them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_replica_hours: Option<f64>,
+    /// Cost of those replica-hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_cost: Option<f64>,
+    /// Cost of one replica kept all the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub always_on_cost: Option<f64>,
+    /// What a Function saves against always on, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saving_percent: Option<f64>,
+    /// Why, in a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// State of one workload.

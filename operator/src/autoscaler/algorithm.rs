@@ -14,6 +14,9 @@
 //! Steps are limited by a maximum scale-up and scale-down rate, results are
 //! kept within `[min, max]`, and a Function goes to zero only after
 //! `scale_to_zero_after` without any request in flight or held.
+//! A `mode: Auto` workload is a Function whose floor is one replica while
+//! it is placed AlwaysOn ([`super::placed`]); the placement is decided from
+//! the keep-alive run in the shadow, whatever the placement.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -48,6 +51,8 @@ pub struct ScalingPolicy {
     /// from the workload's arrivals ([`crate::keepalive::adaptive`]), never
     /// longer than this.
     pub adaptive_keep_alive: Option<Duration>,
+    /// `mode: Auto`: how its placement is decided.
+    pub placement: Option<super::placed::PlacementPolicy>,
 }
 
 impl ScalingPolicy {
@@ -75,7 +80,14 @@ impl ScalingPolicy {
             max_scale_down_rate: 2.0,
             scale_to_zero_after,
             adaptive_keep_alive: None,
+            placement: None,
         }
+    }
+
+    /// The same, placed by `mode: Auto` with `placement`.
+    pub fn with_placement(mut self, placement: Option<super::placed::PlacementPolicy>) -> Self {
+        self.placement = placement;
+        self
     }
 
     /// The same, with the keep-alive learned, at most `max`.
@@ -102,6 +114,8 @@ pub enum Reason {
     ScaledToZero,
     /// At zero, started before an expected request (`scaleToZeroAfter: Auto`).
     PreWarmed,
+    /// At zero, started because `mode: Auto` placed it AlwaysOn.
+    Placed,
     /// Nothing to change.
     Steady,
     /// No fresh signal from the gateways: keep the current scale.
@@ -117,6 +131,7 @@ impl Reason {
             Reason::ScaledDown => "ScaledDown",
             Reason::ScaledToZero => "ScaledToZero",
             Reason::PreWarmed => "PreWarmed",
+            Reason::Placed => "Placed",
             Reason::Steady => "Steady",
             Reason::HoldingWithoutSignal => "HoldingWithoutSignal",
         }
@@ -172,6 +187,25 @@ pub struct Autoscaler {
     panic_until: Option<Duration>,
     panic_floor: u32,
     learned: Option<super::learned::Learned>,
+    placed: Option<super::placed::Placed>,
+}
+
+/// Whether a Function would keep its replica at this moment: while active,
+/// inside the learned window (never unloaded in the first
+/// [`super::learned::MIN_IDLE`] of idleness), or for the fixed grace.
+fn function_keeps(
+    active: bool,
+    idle_for: Duration,
+    verdict: Option<super::learned::Verdict>,
+    scale_to_zero_after: Option<Duration>,
+) -> bool {
+    active
+        || match verdict {
+            Some(verdict) => {
+                verdict != super::learned::Verdict::Unloaded || idle_for < super::learned::MIN_IDLE
+            }
+            None => scale_to_zero_after.is_none_or(|after| idle_for < after),
+        }
 }
 
 impl Autoscaler {
@@ -186,6 +220,10 @@ impl Autoscaler {
             panic_until: None,
             panic_floor: 0,
             learned: policy.adaptive_keep_alive.map(super::learned::Learned::new),
+            placed: policy
+                .placement
+                .clone()
+                .map(|p| super::placed::Placed::new(p, now)),
             policy,
         }
     }
@@ -195,12 +233,17 @@ impl Autoscaler {
         &self.policy
     }
 
-    /// Replaces the policy (the spec changed), keeping the history.
-    pub fn set_policy(&mut self, policy: ScalingPolicy) {
+    /// Replaces the policy (the spec changed) at `now`, keeping the history.
+    pub fn set_policy(&mut self, policy: ScalingPolicy, now: Duration) {
         match (policy.adaptive_keep_alive, &mut self.learned) {
             (Some(max), Some(learned)) => learned.set_max(max),
             (Some(max), None) => self.learned = Some(super::learned::Learned::new(max)),
             (None, _) => self.learned = None,
+        }
+        match (&policy.placement, &mut self.placed) {
+            (Some(p), Some(placed)) => placed.set_policy(p.clone()),
+            (Some(p), None) => self.placed = Some(super::placed::Placed::new(p.clone(), now)),
+            (None, _) => self.placed = None,
         }
         self.policy = policy;
     }
@@ -210,9 +253,46 @@ impl Autoscaler {
         self.learned.as_ref()
     }
 
+    /// `mode: Auto`: the placement and its numbers.
+    pub fn placed(&self) -> Option<&super::placed::Placed> {
+        self.placed.as_ref()
+    }
+
+    /// `n` requests started at `now` (one gateway's report): booked for the
+    /// placement of `mode: Auto`.
+    pub fn started(&mut self, now: Duration, n: u64) {
+        if let Some(placed) = &mut self.placed {
+            placed.requests(now, n as f64, false);
+        }
+    }
+
+    fn idle_for(&self, now: Duration) -> Duration {
+        self.last_busy
+            .map(|at| now.saturating_sub(at))
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// Whether a Function would keep a replica at `now` (for `mode: Auto`,
+    /// what its placement is judged on).
+    fn keeps(&mut self, now: Duration) -> bool {
+        let active = self.latest.is_some_and(|o| o.active());
+        let idle_for = self.idle_for(now);
+        let verdict = self.learned.as_mut().map(|l| l.verdict(now));
+        function_keeps(active, idle_for, verdict, self.policy.scale_to_zero_after)
+    }
+
     /// Records what the gateways reported at `now`; it holds until the
     /// next observation.
     pub fn observe(&mut self, now: Duration, observation: Observation) {
+        let arrival = observation.active() && !self.latest.is_some_and(|o| o.active());
+        if arrival && self.placed.is_some() {
+            // Before this observation counts: would a Function be at zero?
+            let cold = !self.keeps(now);
+            if let Some(placed) = &mut self.placed {
+                placed.account(now, !cold);
+                placed.requests(now, 0.0, cold);
+            }
+        }
         self.samples.push_back((now, observation.concurrency()));
         self.latest = Some(observation);
         if observation.active() {
@@ -257,7 +337,16 @@ impl Autoscaler {
     /// Decides the replica count at `now`, given the `current` one. With
     /// `fresh == false` (no recent report from the gateways) it holds.
     pub fn decide(&mut self, now: Duration, current: u32, fresh: bool) -> ScaleDecision {
-        let p = self.policy.clone();
+        let mut p = self.policy.clone();
+        let keeps = self.keeps(now);
+        let placed_always_on = self.placed.as_mut().is_some_and(|placed| {
+            placed.account(now, keeps);
+            placed.decide(now);
+            placed.placement() == crate::keepalive::placement::Placement::AlwaysOn
+        });
+        if placed_always_on {
+            p.min_replicas = p.min_replicas.max(1);
+        }
         let busy = self.latest.is_some_and(|o| o.busy());
         if !fresh {
             return ScaleDecision {
@@ -303,22 +392,9 @@ impl Autoscaler {
         }
 
         // Zero only for an idle Function after its grace; otherwise at least one.
-        let idle_for = self
-            .last_busy
-            .map(|at| now.saturating_sub(at))
-            .unwrap_or(Duration::MAX);
-        let active = self.latest.is_some_and(|o| o.active());
+        let idle_for = self.idle_for(now);
         let verdict = self.learned.as_mut().map(|l| l.verdict(now));
-        let may_be_zero = p.min_replicas == 0
-            && !active
-            && match verdict {
-                // Learned: outside the window, once the shortest grace passed.
-                Some(verdict) => {
-                    verdict == super::learned::Verdict::Unloaded
-                        && idle_for >= super::learned::MIN_IDLE
-                }
-                None => p.scale_to_zero_after.is_some_and(|after| idle_for >= after),
-            };
+        let may_be_zero = p.min_replicas == 0 && !keeps;
         let prewarm = current == 0
             && !busy
             && p.min_replicas == 0
@@ -347,6 +423,7 @@ impl Autoscaler {
 
         let reason = match (current, wanted) {
             (0, w) if w > 0 && prewarm => Reason::PreWarmed,
+            (0, w) if w > 0 && placed_always_on && !busy => Reason::Placed,
             (0, w) if w > 0 => Reason::ScaledFromZero,
             (c, 0) if c > 0 => Reason::ScaledToZero,
             (c, w) if w > c => Reason::ScaledUp,
@@ -366,6 +443,14 @@ impl Autoscaler {
                 ),
                 None => format!("no request for {}s; scaled to zero", idle_for.as_secs()),
             },
+            Reason::Placed => format!(
+                "placed AlwaysOn (mode: Auto): starting {wanted} replica(s){}",
+                self.placed
+                    .as_ref()
+                    .and_then(|placed| placed.shown().2)
+                    .map(|r| format!("; {}", r.reason))
+                    .unwrap_or_default()
+            ),
             Reason::PreWarmed => format!(
                 "starting {wanted} replica(s) before the next expected request; {}",
                 self.learned
@@ -420,6 +505,33 @@ mod tests {
             out.push(replicas);
         }
         out
+    }
+
+    #[test]
+    fn auto_keeps_a_replica_under_steady_load_and_goes_to_zero_after_its_dwell_once_idle() {
+        let placement = super::super::placed::PlacementPolicy {
+            budget_pct: 1.0,
+            min_dwell: Duration::from_secs(60),
+            replica_hour: 0.05,
+            shown: None,
+        };
+        let policy = ScalingPolicy::defaults(0, 10, 1, 10, Some(Duration::from_secs(10)))
+            .with_placement(Some(placement));
+        // Steady load for 200 s, then none for 200 s.
+        let mut loads = vec![1.0; 100];
+        loads.extend(vec![0.0; 100]);
+        let replicas = simulate(policy, 0, &loads);
+        // Placed AlwaysOn until known: a replica from the first tick.
+        assert!(replicas[..100].iter().all(|&r| r >= 1), "{replicas:?}");
+        // Idle: the replica stays through the keep-alive and until a
+        // Function saves a quarter of the last minute, then goes.
+        let zero = replicas[100..]
+            .iter()
+            .position(|&r| r == 0)
+            .expect("to zero");
+        let zero_s = (zero as u64 + 1) * TICK.as_secs();
+        assert!((20..=40).contains(&zero_s), "{zero_s}");
+        assert!(replicas[100 + zero..].iter().all(|&r| r == 0));
     }
 
     #[test]

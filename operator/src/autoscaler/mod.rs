@@ -5,6 +5,7 @@
 
 pub mod algorithm;
 pub mod learned;
+pub mod placed;
 pub mod run;
 pub mod state;
 

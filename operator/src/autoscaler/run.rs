@@ -35,9 +35,11 @@ use tokio::time::Instant;
 
 use super::ScalingPolicy;
 use super::algorithm::Reason;
-use super::state::{AppRef, Cluster, ConditionText, ScaleWrite, ScalerState};
+use super::placed::PlacementPolicy;
+use super::state::{AppRef, Cluster, ScaleWrite, ScalerState, Shown};
 use crate::api::contract::{AUTOSCALER_MANAGER, apply_scale, child_name, condition};
-use crate::api::{HybridApp, Metric, Mode, labels};
+use crate::api::{HybridApp, Metric, Mode, PlacementSpec, Workload, labels};
+use crate::keepalive::placement::Prices;
 use crate::protocol::{DEMAND_PATH, Demand, STATS_PATH, Stats, WorkloadRef};
 
 /// How often the autoscaler decides.
@@ -57,6 +59,28 @@ enum Message {
 struct View {
     apps: Store<HybridApp>,
     deployments: Store<Deployment>,
+    prices: Prices,
+}
+
+/// How `mode: Auto` places `workload` of `app`: its spec, what one replica
+/// costs (its pod's requests at `prices`), and the placement in status.
+fn placement_policy(app: &HybridApp, workload: &Workload, prices: &Prices) -> PlacementPolicy {
+    let (budget_pct, min_dwell) = PlacementSpec::resolve(workload.placement.as_ref());
+    let (vcpu, memory_gib) = crate::keepalive::placement::pod_requests(&workload.template);
+    let shown = app
+        .status
+        .as_ref()
+        .and_then(|s| s.placements.iter().find(|p| p.workload == workload.name))
+        .map(|p| {
+            let age = Timestamp::now().duration_since(p.since.0);
+            (p.placement, age.unsigned_abs())
+        });
+    PlacementPolicy {
+        budget_pct,
+        min_dwell,
+        replica_hour: prices.replica_hour(vcpu, memory_gib),
+        shown,
+    }
 }
 
 impl Cluster for View {
@@ -84,14 +108,19 @@ impl Cluster for View {
                 scaling.target_concurrency.max(1) as u32,
                 scaling.scale_to_zero_after,
             )
-            .with_adaptive_keep_alive(scaling.adaptive_keep_alive),
+            .with_adaptive_keep_alive(scaling.adaptive_keep_alive)
+            .with_placement(
+                (workload.mode == Mode::Auto)
+                    .then(|| placement_policy(&app, workload, &self.prices)),
+            ),
         )
     }
 
-    /// Workloads held by a migration's floor, and always-on workloads below
+    /// Workloads held by a migration's floor, always-on workloads below
     /// their minimum (a Function at zero whose mode became AlwaysOn: the
     /// gateway answers 503 for it and sends no demand, so only a tick
-    /// raises it).
+    /// raises it), and every `mode: Auto` workload (its placement is
+    /// decided with or without traffic).
     fn held(&self) -> Vec<WorkloadRef> {
         let now = Timestamp::now();
         let mut held = Vec::new();
@@ -106,6 +135,10 @@ impl Cluster for View {
             let floors = crate::migration::floors(&app, now);
             held.extend(floors.keys().map(|w| key(w)));
             for workload in &app.spec.workloads {
+                if workload.mode == Mode::Auto {
+                    held.push(key(&workload.name));
+                    continue;
+                }
                 let scaling = workload.scaling();
                 let ours = workload.mode == Mode::AlwaysOn && scaling.metric == Metric::Concurrency;
                 if ours
@@ -145,6 +178,7 @@ pub async fn run(
     namespace: Option<String>,
     meter: Arc<crate::migration::Meter>,
     fleet: Arc<crate::fleet::Fleet>,
+    prices: Prices,
 ) {
     let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
     let mut server = tokio::spawn(serve(listener, tx));
@@ -164,12 +198,16 @@ pub async fn run(
         watcher::Config::default().labels(&labels::managed_selector()),
         |_| std::future::ready(()),
     );
-    let view = View { apps, deployments };
+    let view = View {
+        apps,
+        deployments,
+        prices,
+    };
     let started = Instant::now();
     let now = || started.elapsed();
     let mut state = ScalerState::default();
     let mut writes: JoinSet<(ScaleWrite, bool)> = JoinSet::new();
-    let mut conditions: JoinSet<(AppRef, ConditionText, bool)> = JoinSet::new();
+    let mut conditions: JoinSet<(AppRef, Shown, bool)> = JoinSet::new();
     let mut conditions_in_flight: HashSet<AppRef> = HashSet::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -197,7 +235,8 @@ pub async fn run(
                 }
                 for (app, text) in outcome.conditions {
                     if conditions_in_flight.insert(app.clone()) {
-                        conditions.spawn(write_condition(client.clone(), view.apps.clone(), app, text));
+                        let since = placement_times(&text, now());
+                        conditions.spawn(write_condition(client.clone(), view.apps.clone(), app, text, since));
                     }
                 }
             }
@@ -255,6 +294,7 @@ async fn scale(
         write.reason,
         Reason::ScaledFromZero
             | Reason::PreWarmed
+            | Reason::Placed
             | Reason::ScaledToZero
             | Reason::ScaledUp
             | Reason::ScaledDown
@@ -283,16 +323,68 @@ async fn scale(
     (write, true)
 }
 
-/// Applies the `Autoscaled` condition to one app's status under
-/// [`AUTOSCALER_MANAGER`]; returns whether it was written.
+/// When each placement of `shown` began, from the autoscaler's clock at
+/// `now` to the wall clock (to the second, as status keeps it).
+fn placement_times(shown: &Shown, now: Duration) -> Vec<Time> {
+    let wall = Timestamp::now();
+    shown
+        .placements
+        .iter()
+        .map(|p| {
+            let ago = (now.as_secs_f64() - p.since_s).max(0.0).round() as i64;
+            Time(
+                wall.checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(ago))
+                    .unwrap_or(wall),
+            )
+        })
+        .collect()
+}
+
+/// Rounded for status: figures that differ only past this many decimals
+/// are the same figure.
+fn rounded(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+/// The `placements` of status for `shown`, begun at `since`.
+fn placements_json(shown: &Shown, since: &[Time]) -> Vec<serde_json::Value> {
+    shown
+        .placements
+        .iter()
+        .zip(since)
+        .map(|(p, since)| {
+            let mut entry = json!({
+                "workload": p.workload,
+                "placement": p.placement,
+                "since": since,
+            });
+            if let Some(n) = &p.numbers {
+                entry["coldStartPercent"] = json!(rounded(n.cold_pct, 2));
+                entry["coldStartBudgetPercent"] = json!(n.budget_pct);
+                entry["observedHours"] = json!(rounded(n.hours, 4));
+                entry["functionReplicaHours"] = json!(rounded(n.loaded_hours, 4));
+                entry["functionCost"] = json!(rounded(n.function_cost, 6));
+                entry["alwaysOnCost"] = json!(rounded(n.always_on_cost, 6));
+                entry["savingPercent"] = json!(rounded(n.saving_pct, 1));
+                entry["message"] = json!(n.reason);
+            }
+            entry
+        })
+        .collect()
+}
+
+/// Applies the `Autoscaled` condition and the placements to one app's
+/// status under [`AUTOSCALER_MANAGER`]; returns whether it was written.
 async fn write_condition(
     client: kube::Client,
     apps: Store<HybridApp>,
     app_ref: AppRef,
-    text: ConditionText,
-) -> (AppRef, ConditionText, bool) {
+    text: Shown,
+    placed_since: Vec<Time>,
+) -> (AppRef, Shown, bool) {
     let (namespace, name) = &app_ref;
-    let (status, reason, message) = &text;
+    let (status, reason, message) = &text.condition;
     let Some(app) = apps.get(&ObjectRef::new(name).within(namespace)) else {
         return (app_ref, text, false);
     };
@@ -318,7 +410,8 @@ async fn write_condition(
             "message": message.chars().take(32 * 1024).collect::<String>(),
             "lastTransitionTime": since,
             "observedGeneration": app.metadata.generation,
-        }]},
+        }],
+        "placements": placements_json(&text, &placed_since)},
     });
     let api: Api<HybridApp> = Api::namespaced(client, namespace);
     let written = tokio::time::timeout(

@@ -68,13 +68,36 @@ pub type AppRef = (String, String);
 /// The `Autoscaled` condition: status, reason, message.
 pub type ConditionText = (&'static str, String, String);
 
+/// The placement of one `mode: Auto` workload, as status shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementShown {
+    /// Which workload.
+    pub workload: String,
+    /// Where it is placed.
+    pub placement: crate::keepalive::placement::Placement,
+    /// Since when, on the autoscaler's clock (seconds; negative: before
+    /// the clock started).
+    pub since_s: f64,
+    /// The numbers of the latest decision (none before a full window).
+    pub numbers: Option<crate::keepalive::placement::Recommendation>,
+}
+
+/// What the autoscaler shows in one app's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shown {
+    /// The `Autoscaled` condition.
+    pub condition: ConditionText,
+    /// The placements of its `mode: Auto` workloads, by name.
+    pub placements: Vec<PlacementShown>,
+}
+
 /// What a tick asks for.
 #[derive(Debug, Default)]
 pub struct TickOutcome {
     /// `replicas` to write.
     pub writes: Vec<ScaleWrite>,
-    /// Conditions that changed since they were last shown.
-    pub conditions: Vec<(AppRef, ConditionText)>,
+    /// Statuses that changed since they were last shown.
+    pub conditions: Vec<(AppRef, Shown)>,
 }
 
 /// A gateway's latest report on one workload.
@@ -128,7 +151,7 @@ impl Tracked {
 #[derive(Default)]
 pub struct ScalerState {
     workloads: HashMap<WorkloadRef, Tracked>,
-    shown: HashMap<AppRef, ConditionText>,
+    shown: HashMap<AppRef, Shown>,
 }
 
 impl ScalerState {
@@ -219,6 +242,7 @@ impl ScalerState {
         }
         for (workload, (in_flight, held, requests)) in listed {
             if let Some(tracked) = self.tracked(workload, now, cluster) {
+                tracked.autoscaler.started(now, requests);
                 tracked.reports.insert(
                     stats.gateway.clone(),
                     Report {
@@ -251,7 +275,7 @@ impl ScalerState {
     }
 
     /// A condition returned by [`ScalerState::tick`] was written.
-    pub fn shown(&mut self, app: AppRef, condition: ConditionText) {
+    pub fn shown(&mut self, app: AppRef, condition: Shown) {
         self.shown.insert(app, condition);
     }
 
@@ -266,7 +290,7 @@ impl ScalerState {
             .retain(|key, _| cluster.policy(key).is_some());
         for (key, tracked) in &mut self.workloads {
             if let Some(policy) = cluster.policy(key) {
-                tracked.autoscaler.set_policy(policy);
+                tracked.autoscaler.set_policy(policy, now);
             }
             let current = cluster.replicas(key);
             let (stale, forgot) =
@@ -305,8 +329,9 @@ impl ScalerState {
     }
 
     /// The `Autoscaled` condition of every app decided for: False while a
-    /// signal is stale, else True with the latest decisions.
-    fn conditions(&self) -> BTreeMap<AppRef, ConditionText> {
+    /// signal is stale, else True with the latest decisions; and the
+    /// placements of its `mode: Auto` workloads.
+    fn conditions(&self) -> BTreeMap<AppRef, Shown> {
         let mut by_app: BTreeMap<AppRef, Vec<(&WorkloadRef, &Tracked)>> = BTreeMap::new();
         for (key, tracked) in &self.workloads {
             by_app
@@ -317,18 +342,34 @@ impl ScalerState {
         let mut out = BTreeMap::new();
         for (app, mut workloads) in by_app {
             workloads.sort_by(|a, b| a.0.workload.cmp(&b.0.workload));
+            let placements: Vec<PlacementShown> = workloads
+                .iter()
+                .filter_map(|(k, t)| {
+                    let (placement, since_s, numbers) = t.autoscaler.placed()?.shown();
+                    Some(PlacementShown {
+                        workload: k.workload.clone(),
+                        placement,
+                        since_s,
+                        numbers: numbers.cloned(),
+                    })
+                })
+                .collect();
             let stale: Vec<&str> = workloads
                 .iter()
                 .filter_map(|(_, t)| t.stale.as_deref())
                 .collect();
             if !stale.is_empty() {
+                let condition = (
+                    "False",
+                    Reason::HoldingWithoutSignal.as_str().to_string(),
+                    stale.join("; "),
+                );
                 out.insert(
                     app,
-                    (
-                        "False",
-                        Reason::HoldingWithoutSignal.as_str().to_string(),
-                        stale.join("; "),
-                    ),
+                    Shown {
+                        condition,
+                        placements,
+                    },
                 );
                 continue;
             }
@@ -339,6 +380,20 @@ impl ScalerState {
             // The most recent decision names the reason; every workload's
             // last decision is in the message.
             let Some(latest) = decided.iter().max_by_key(|(_, d)| d.at) else {
+                if !placements.is_empty() {
+                    let condition = (
+                        "True",
+                        Reason::Steady.as_str().to_string(),
+                        "no scaling decision yet".to_string(),
+                    );
+                    out.insert(
+                        app,
+                        Shown {
+                            condition,
+                            placements,
+                        },
+                    );
+                }
                 continue;
             };
             let message = decided
@@ -355,7 +410,14 @@ impl ScalerState {
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
-            out.insert(app, ("True", latest.1.reason.as_str().to_string(), message));
+            let condition = ("True", latest.1.reason.as_str().to_string(), message);
+            out.insert(
+                app,
+                Shown {
+                    condition,
+                    placements,
+                },
+            );
         }
         out
     }
@@ -600,7 +662,13 @@ mod tests {
         // Silent from now on. After 3 missed intervals the signal is stale.
         let outcome = state.tick(Duration::from_secs(10), &cluster);
         assert!(outcome.writes.is_empty(), "held at its scale");
-        let (app, (status, reason, message)) = &outcome.conditions[0];
+        let (
+            app,
+            Shown {
+                condition: (status, reason, message),
+                ..
+            },
+        ) = &outcome.conditions[0];
         assert_eq!(app, &("ns".to_string(), "shop".to_string()));
         assert_eq!(
             (*status, reason.as_str()),
@@ -663,8 +731,9 @@ mod tests {
         );
         assert_eq!(cluster.at("fn"), 0);
         let shown = &state.shown[&("ns".to_string(), "shop".to_string())];
-        assert_eq!(shown.1, "ScaledToZero");
-        assert!(shown.2.contains("fn: ScaledToZero 1 -> 0"), "{}", shown.2);
+        let (_, reason, message) = &shown.condition;
+        assert_eq!(reason, "ScaledToZero");
+        assert!(message.contains("fn: ScaledToZero 1 -> 0"), "{message}");
     }
 
     proptest! {

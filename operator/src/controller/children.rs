@@ -211,6 +211,8 @@ fn build_workload(app: &HybridApp, workload: &Workload, placement: &Placement) -
     let initial_replicas = match workload.mode {
         Mode::Function => scaling.min_replicas,
         Mode::AlwaysOn => scaling.min_replicas.max(1),
+        // Placed AlwaysOn until the traffic says otherwise.
+        Mode::Auto => 1,
     };
     WorkloadChildren {
         workload: workload.name.clone(),

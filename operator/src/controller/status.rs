@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::contract::condition;
 use crate::api::{
-    HybridApp, HybridAppStatus, MigrationPhase, MigrationStatus, Mode, RouteStatus, Workload,
+    HybridApp, HybridAppStatus, MigrationPhase, MigrationStatus, RouteStatus, Workload,
     WorkloadState, WorkloadStatus,
 };
 
@@ -59,7 +59,12 @@ pub fn compute(
         .iter()
         .map(|w| workload_status(w, deployments.get(&w.name)))
         .collect();
-    let count = |mode: Mode| workloads.iter().filter(|w| w.mode == mode).count() as i32;
+    let count = |function: bool| {
+        workloads
+            .iter()
+            .filter(|w| w.mode.function_like() == function)
+            .count() as i32
+    };
     let at_zero = workloads
         .iter()
         .filter(|w| w.state == WorkloadState::ScaledToZero)
@@ -206,11 +211,13 @@ pub fn compute(
         conditions,
         routes,
         migrations,
-        functions: Some(count(Mode::Function)),
+        functions: Some(count(true)),
         functions_at_zero: Some(at_zero),
-        always_on: Some(count(Mode::AlwaysOn)),
+        always_on: Some(count(false)),
         route_count: Some(app.spec.routes.len() as i32),
         workloads,
+        // The autoscaler's.
+        placements: Vec::new(),
     }
 }
 
@@ -324,7 +331,9 @@ fn workload_status(workload: &Workload, deployment: Option<&Deployment>) -> Work
         && observed.replicas.unwrap_or(0) <= spec_replicas
         && status.ready_replicas >= spec_replicas;
     status.state = match (workload.mode, spec_replicas) {
-        (Mode::Function, 0) if observed.replicas.unwrap_or(0) == 0 => WorkloadState::ScaledToZero,
+        (mode, 0) if mode.function_like() && observed.replicas.unwrap_or(0) == 0 => {
+            WorkloadState::ScaledToZero
+        }
         _ if rolled_out => WorkloadState::Ready,
         _ => WorkloadState::Starting,
     };

@@ -35,7 +35,6 @@ use super::h1::head::{self, Asked, Response, finish_request_head};
 use super::h1::pool::{self, Pool, Upstream};
 use super::state::{Gateway, WorkloadLoad};
 use super::table::{CompiledRoute, HeaderLookup, WorkloadKey, WorkloadTarget};
-use crate::api::Mode;
 
 /// Where an error came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -497,7 +496,7 @@ async fn exchange<D: Downstream>(
     }
     let cold = resolved.target.endpoints.is_empty();
     if cold
-        && resolved.target.mode == Mode::Function
+        && resolved.target.mode.function_like()
         && declared.is_some_and(|n| n > settings.max_held_body_bytes as u64)
     {
         return Err(held_body_too_large(gateway, &resolved.target));
@@ -616,7 +615,7 @@ async fn hold<D: Downstream>(
     deadline: Instant,
 ) -> Result<(Arc<WorkloadTarget>, Vec<u8>), ProxyError> {
     let (target, load) = (&request.resolved.target, &request.resolved.load);
-    if target.mode != Mode::Function {
+    if !target.mode.function_like() {
         return Err(ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             Origin::Gateway,

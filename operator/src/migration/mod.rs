@@ -680,7 +680,7 @@ fn step_replicas(
                 // minimum only.
                 (Mode::AlwaysOn, crate::api::Metric::Cpu) => scaling.min_replicas.max(1),
                 (Mode::AlwaysOn, _) => (needed as i32).max(scaling.min_replicas.max(1)),
-                (Mode::Function, _) => (needed as i32).max(1),
+                (Mode::Function | Mode::Auto, _) => (needed as i32).max(1),
             };
             let replicas = replicas.min(scaling.max_replicas.max(1));
             Some((name, replicas))

@@ -251,16 +251,37 @@ async fn function_behind_a_gateway(
     scaling: serde_json::Value,
     env: serde_json::Value,
 ) -> (OperatorProcess, GatewayHandle) {
+    behind_a_gateway(
+        ns,
+        name,
+        json!({"mode": "Function", "scaling": scaling}),
+        env,
+    )
+    .await
+}
+
+/// One workload `fn` of app `name` (mode and scaling from `fields`) with a
+/// route to it, the operator and a gateway.
+async fn behind_a_gateway(
+    ns: &TestNamespace,
+    name: &str,
+    fields: serde_json::Value,
+    env: serde_json::Value,
+) -> (OperatorProcess, GatewayHandle) {
     let operator =
         OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
+    let mut workload = json!({"name": "fn", "port": 8080, "requestTimeout": "90s",
+        "template": {"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1", "env": env,
+            "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}});
+    for (key, value) in fields.as_object().expect("fields") {
+        workload[key] = value.clone();
+    }
     let app: HybridApp = serde_json::from_value(json!({
         "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
         "metadata": {"name": name},
         "spec": {
-            "workloads": [{"name": "fn", "mode": "Function", "port": 8080, "requestTimeout": "90s",
-                "scaling": scaling,
-                "template": {"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1", "env": env,
-                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}}}]}}}],
+            "workloads": [workload],
             "routes": [{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "fn"}]}]
         }
     }))
@@ -531,14 +552,13 @@ async fn auto_keep_alive_prewarms_a_timer_like_function_before_each_call_and_is_
         next += PERIOD;
         zero_between.push(saw_zero);
         let before = cold_starts(&gateway.metrics().await);
-        let request = http::Request::get(gateway.url(&format!("/tick/{call}")))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
-            .await
-            .expect("an answer within 60 s")
-            .expect("an answer");
-        assert_eq!(response.status(), 200, "call {call}");
+        let status = get(
+            &client,
+            &gateway.url(&format!("/tick/{call}")),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(status, 200, "call {call}");
         let after = cold_starts(&gateway.metrics().await);
         cold_per_call.push(after - before);
     }
@@ -565,4 +585,138 @@ async fn auto_keep_alive_prewarms_a_timer_like_function_before_each_call_and_is_
         autoscaled.contains("keep-alive Auto (periodic, every 2"),
         "{autoscaled}"
     );
+}
+
+/// The status of a GET of `url`, answered within `within`.
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    within: Duration,
+) -> http::StatusCode {
+    let request = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    tokio::time::timeout(within, client.request(request))
+        .await
+        .unwrap_or_else(|_| panic!("an answer within {within:?}"))
+        .expect("an answer")
+        .status()
+}
+
+/// The `fn` placement in `app`'s status.
+fn placement_of(app: &HybridApp) -> Option<tandem::api::PlacementStatus> {
+    app.status
+        .as_ref()?
+        .placements
+        .iter()
+        .find(|p| p.workload == "fn")
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_keeps_a_replica_under_steady_load_and_becomes_a_function_at_zero_after_its_dwell()
+ {
+    use tandem::keepalive::placement::Placement;
+    install_crd().await;
+    let ns = TestNamespace::create("auto").await;
+    let (_operator, gateway) = behind_a_gateway(
+        &ns,
+        "auto",
+        json!({"mode": "Auto", "scaling": {"scaleToZeroAfter": "10s"},
+            "placement": {"minDwell": "30s", "coldStartBudget": "1%"}}),
+        json!([]),
+    )
+    .await;
+    let deployments: Api<Deployment> = ns.api();
+    let apps: Api<HybridApp> = ns.api();
+    // Placed AlwaysOn until the traffic is known: a replica from the start,
+    // and the placement in status.
+    wait_for(
+        "a replica and the placement in status",
+        Duration::from_secs(60),
+        || async {
+            let app = apps.get("auto").await.map_err(|e| e.to_string())?;
+            let placement = placement_of(&app).ok_or("no placement")?;
+            let ready = app
+                .status
+                .as_ref()
+                .and_then(|s| s.workloads.first())
+                .is_some_and(|w| w.state == WorkloadState::Ready && w.ready_replicas >= 1);
+            if placement.placement == Placement::AlwaysOn && ready {
+                Ok(())
+            } else {
+                Err(format!("{placement:?}, ready {ready}"))
+            }
+        },
+    )
+    .await;
+
+    // Steady load: a request every 250 ms for 45 s (bounded: 180 requests),
+    // never at zero, still AlwaysOn once a full window was judged.
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut lowest = i32::MAX;
+    for i in 0..180 {
+        let status = get(
+            &client,
+            &gateway.url(&format!("/steady/{i}")),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(status, 200, "request {i}");
+        if i % 8 == 0 {
+            lowest = lowest.min(replicas(&deployments, "auto-fn").await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(lowest >= 1, "at zero under steady load");
+    let under_load = placement_of(&apps.get("auto").await.unwrap()).expect("a placement");
+    eprintln!("under load: {under_load:?}");
+    assert_eq!(under_load.placement, Placement::AlwaysOn);
+    assert_eq!(under_load.cold_start_percent, Some(0.0), "{under_load:?}");
+    assert!(
+        under_load.saving_percent.is_some_and(|s| s < 25.0),
+        "{under_load:?}"
+    );
+    assert!(
+        under_load.always_on_cost.is_some_and(|c| c > 0.0),
+        "priced: {under_load:?}"
+    );
+
+    // The load stops: after the keep-alive and enough of a saving, the
+    // placement becomes Function and the replica goes.
+    let stopped = tokio::time::Instant::now();
+    let mut placed_function_after = None;
+    let mut zero_after = None;
+    while stopped.elapsed() < Duration::from_secs(120) && zero_after.is_none() {
+        let app = apps.get("auto").await.unwrap();
+        if placed_function_after.is_none()
+            && placement_of(&app).is_some_and(|p| p.placement == Placement::Function)
+        {
+            placed_function_after = Some(stopped.elapsed());
+        }
+        if replicas(&deployments, "auto-fn").await == Ok(0) {
+            zero_after = Some(stopped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let placed = placement_of(&apps.get("auto").await.unwrap()).expect("a placement");
+    eprintln!(
+        "placed Function after {placed_function_after:?}, zero after {zero_after:?}: {placed:?}"
+    );
+    let zero_after = zero_after.expect("at zero within 120 s of the load stopping");
+    assert_eq!(placed.placement, Placement::Function);
+    assert!(placed.since > under_load.since, "the move is dated");
+    assert!(
+        placed
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("saves")),
+        "{placed:?}"
+    );
+    // Not before the keep-alive (10 s) plus a quarter of the window.
+    assert!(zero_after >= Duration::from_secs(15), "{zero_after:?}");
+
+    // At zero it is a Function: a request is held and answered.
+    let status = get(&client, &gateway.url("/after"), Duration::from_secs(60)).await;
+    assert_eq!(status, 200);
 }
