@@ -87,6 +87,11 @@ pub struct OperatorArgs {
     /// Price of one GiB of memory for an hour (default: as above).
     #[arg(long, env = "TANDEM_PRICE_GIB_HOUR", default_value_t = Prices::default().per_gib_hour, value_parser = parse_price)]
     pub price_gib_hour: f64,
+
+    /// How often each HybridApp's `status.costs` is written (the metrics
+    /// follow every autoscaler tick).
+    #[arg(long, env = "TANDEM_COST_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub cost_refresh: Duration,
 }
 
 /// Parses a price flag: a finite number, not negative.
@@ -141,6 +146,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         .build();
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
+    let cost_metrics = crate::autoscaler::costs::CostMetrics::register(&mut registry);
     let admin_state = AdminState::new(registry);
     let listener = admin::bind(args.admin_address)
         .await
@@ -214,9 +220,13 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         args.watch_namespace.clone(),
         meter.clone(),
         fleet.clone(),
-        Prices {
-            per_vcpu_hour: args.price_vcpu_hour,
-            per_gib_hour: args.price_gib_hour,
+        crate::autoscaler::run::Costing {
+            prices: Prices {
+                per_vcpu_hour: args.price_vcpu_hour,
+                per_gib_hour: args.price_gib_hour,
+            },
+            refresh: args.cost_refresh.max(Duration::from_secs(1)),
+            metrics: cost_metrics,
         },
     ));
     let ready = admin_state.clone();

@@ -13,6 +13,9 @@ pub const MANAGER: &str = "tandem";
 /// Field manager that owns `spec.replicas` of the Deployments Tandem
 /// scales, and the `Autoscaled` condition.
 pub const AUTOSCALER_MANAGER: &str = "tandem-autoscaler";
+/// Field manager of the costs in status (written at their own pace, so the
+/// autoscaler's applies and these never take each other's fields away).
+pub const COSTS_MANAGER: &str = "tandem-costs";
 
 /// Name of the Deployment and Service of `workload` in `app`.
 pub fn child_name(app: &str, workload: &str) -> String {

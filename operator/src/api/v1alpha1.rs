@@ -51,6 +51,7 @@ pub const MIN_SCALE_TO_ZERO_AFTER_SECONDS: u64 = 10;
     printcolumn(name = "Always-On", type_ = "integer", json_path = ".status.alwaysOn", description = "AlwaysOn workloads"),
     printcolumn(name = "Routes", type_ = "integer", json_path = ".status.routeCount"),
     printcolumn(name = "Migrating", type_ = "string", json_path = ".status.migrations", description = "Routes whose migration has not ended"),
+    printcolumn(name = "Saving", type_ = "string", json_path = ".status.saving", description = "What the app's replicas cost less than all-AlwaysOn at their minimums, over the last day"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
     printcolumn(name = "Hosts", type_ = "string", json_path = ".spec.hosts", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -691,6 +692,45 @@ pub struct HybridAppStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["workload"]))]
     pub placements: Vec<PlacementStatus>,
+
+    /// What each workload's replicas cost over the last hour and day at the
+    /// operator's prices, beside all-AlwaysOn at its minimum (written by the
+    /// autoscaler every `--cost-refresh`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["workload"]))]
+    pub costs: Vec<WorkloadCost>,
+
+    /// What the app's replicas cost less than all-AlwaysOn, over the last
+    /// day, like `62%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saving: Option<String>,
+}
+
+/// The cost of one workload.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadCost {
+    /// Workload name.
+    pub workload: String,
+    /// Over the last hour.
+    pub last_hour: CostFigures,
+    /// Over the last day.
+    pub last_day: CostFigures,
+}
+
+/// Replica-hours and costs over one window.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CostFigures {
+    /// Hours of the window watched (less after the operator's leader
+    /// changed).
+    pub observed_hours: f64,
+    /// Replica-hours run.
+    pub replica_hours: f64,
+    /// Their cost.
+    pub cost: f64,
+    /// What all-AlwaysOn at the workload's minimum would have cost.
+    pub always_on_cost: f64,
 }
 
 /// The placement of one `mode: Auto` workload. The figures are those of

@@ -4,6 +4,7 @@
 //! executes them ([`run`]).
 
 pub mod algorithm;
+pub mod costs;
 pub mod learned;
 pub mod placed;
 pub mod run;

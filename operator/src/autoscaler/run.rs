@@ -35,9 +35,10 @@ use tokio::time::Instant;
 
 use super::ScalingPolicy;
 use super::algorithm::Reason;
+use super::costs::{CostMetrics, Costs, Span};
 use super::placed::PlacementPolicy;
 use super::state::{AppRef, Cluster, ScaleWrite, ScalerState, Shown};
-use crate::api::contract::{AUTOSCALER_MANAGER, apply_scale, child_name, condition};
+use crate::api::contract::{AUTOSCALER_MANAGER, COSTS_MANAGER, apply_scale, child_name, condition};
 use crate::api::{HybridApp, Metric, Mode, PlacementSpec, Workload, labels};
 use crate::keepalive::placement::Prices;
 use crate::protocol::{DEMAND_PATH, Demand, STATS_PATH, Stats, WorkloadRef};
@@ -46,6 +47,8 @@ use crate::protocol::{DEMAND_PATH, Demand, STATS_PATH, Stats, WorkloadRef};
 pub const TICK: Duration = Duration::from_secs(2);
 /// Longest time one write may take (the lease fence may cut it sooner).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Apps whose costs are written at the same time, at most.
+const COST_WRITES: usize = 8;
 /// Messages from gateways waiting to be fed to the state, at most; beyond
 /// that the endpoint answers 503 (gateways repeat, so shedding is safe).
 const QUEUE: usize = 4096;
@@ -80,6 +83,39 @@ fn placement_policy(app: &HybridApp, workload: &Workload, prices: &Prices) -> Pl
         min_dwell,
         replica_hour: prices.replica_hour(vcpu, memory_gib),
         shown,
+    }
+}
+
+impl View {
+    /// Books every workload's replicas in `costs` at `now` (and forgets
+    /// those gone, which it returns).
+    fn book_costs(&self, costs: &mut Costs, now: Duration) -> Vec<WorkloadRef> {
+        let mut live = HashSet::new();
+        for app in self.apps.state() {
+            for workload in &app.spec.workloads {
+                let key = WorkloadRef {
+                    namespace: app.metadata.namespace.clone().unwrap_or_default(),
+                    app: app.metadata.name.clone().unwrap_or_default(),
+                    workload: workload.name.clone(),
+                };
+                let Some(replicas) = self.replicas(&key) else {
+                    continue;
+                };
+                let floor = workload.scaling().min_replicas.max(1) as u32;
+                let (vcpu, memory_gib) =
+                    crate::keepalive::placement::pod_requests(&workload.template);
+                let replica_hour = self.prices.replica_hour(vcpu, memory_gib);
+                costs.book(now, &key, replicas, floor, replica_hour);
+                live.insert(key);
+            }
+        }
+        let gone: Vec<WorkloadRef> = costs
+            .workloads()
+            .filter(|key| !live.contains(*key))
+            .cloned()
+            .collect();
+        costs.retain(|key| live.contains(key));
+        gone
     }
 }
 
@@ -170,6 +206,16 @@ impl Cluster for View {
     }
 }
 
+/// How replicas are priced and their costs shown.
+pub struct Costing {
+    /// What a replica costs.
+    pub prices: Prices,
+    /// How often `status.costs` is written.
+    pub refresh: Duration,
+    /// The gauges.
+    pub metrics: CostMetrics,
+}
+
 /// Serves the demand/stats endpoint on `listener` and runs the loop. Ends
 /// only if the endpoint fails; the operator exits then.
 pub async fn run(
@@ -178,8 +224,13 @@ pub async fn run(
     namespace: Option<String>,
     meter: Arc<crate::migration::Meter>,
     fleet: Arc<crate::fleet::Fleet>,
-    prices: Prices,
+    costing: Costing,
 ) {
+    let Costing {
+        prices,
+        refresh: cost_refresh,
+        metrics: cost_metrics,
+    } = costing;
     let (tx, mut rx) = mpsc::channel::<Message>(QUEUE);
     let mut server = tokio::spawn(serve(listener, tx));
 
@@ -209,6 +260,9 @@ pub async fn run(
     let mut writes: JoinSet<(ScaleWrite, bool)> = JoinSet::new();
     let mut conditions: JoinSet<(AppRef, Shown, bool)> = JoinSet::new();
     let mut conditions_in_flight: HashSet<AppRef> = HashSet::new();
+    let mut costs = Costs::default();
+    let mut costs_written = Instant::now();
+    let mut cost_writes: Option<tokio::task::JoinHandle<()>> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -229,6 +283,15 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
+                let gone = view.book_costs(&mut costs, now());
+                cost_metrics.export(&costs, &gone);
+                if costs_written.elapsed() >= cost_refresh
+                    && cost_writes.as_ref().is_none_or(|w| w.is_finished())
+                {
+                    costs_written = Instant::now();
+                    let patches = cost_patches(&costs, &view.apps);
+                    cost_writes = Some(tokio::spawn(write_costs(client.clone(), patches)));
+                }
                 let outcome = state.tick(now(), &view);
                 for write in outcome.writes {
                     writes.spawn(scale(client.clone(), recorder.clone(), view.apps.clone(), write));
@@ -321,6 +384,78 @@ async fn scale(
         });
     }
     (write, true)
+}
+
+/// The costs part of every app's status, as apply patches.
+fn cost_patches(costs: &Costs, apps: &Store<HybridApp>) -> Vec<(AppRef, serde_json::Value)> {
+    let figures = |f: super::costs::Figures| {
+        json!({
+            "observedHours": rounded(f.observed_hours, 4),
+            "replicaHours": rounded(f.replica_hours, 4),
+            "cost": rounded(f.cost, 6),
+            "alwaysOnCost": rounded(f.always_on_cost, 6),
+        })
+    };
+    let mut patches = Vec::new();
+    for app in apps.state() {
+        let namespace = app.metadata.namespace.clone().unwrap_or_default();
+        let name = app.metadata.name.clone().unwrap_or_default();
+        let mut entries = Vec::new();
+        for workload in &app.spec.workloads {
+            let key = WorkloadRef {
+                namespace: namespace.clone(),
+                app: name.clone(),
+                workload: workload.name.clone(),
+            };
+            if let (Some(hour), Some(day)) = (
+                costs.figures(&key, Span::Hour),
+                costs.figures(&key, Span::Day),
+            ) {
+                entries.push(json!({
+                    "workload": workload.name,
+                    "lastHour": figures(hour),
+                    "lastDay": figures(day),
+                }));
+            }
+        }
+        if entries.is_empty() {
+            continue;
+        }
+        let mut status = json!({"costs": entries});
+        if let Some(saving) = costs.saving_pct((&namespace, &name), Span::Day) {
+            status["saving"] = json!(format!("{saving:.0}%"));
+        }
+        patches.push((
+            (namespace, name),
+            json!({"apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp", "status": status}),
+        ));
+    }
+    patches
+}
+
+/// Applies the cost patches under [`COSTS_MANAGER`], [`COST_WRITES`] at a
+/// time, each within [`WRITE_TIMEOUT`].
+async fn write_costs(client: kube::Client, patches: Vec<(AppRef, serde_json::Value)>) {
+    use futures::StreamExt;
+    futures::stream::iter(patches)
+        .for_each_concurrent(COST_WRITES, |((namespace, name), patch)| {
+            let api: Api<HybridApp> = Api::namespaced(client.clone(), &namespace);
+            async move {
+                let written = tokio::time::timeout(
+                    WRITE_TIMEOUT,
+                    api.patch_status(
+                        &name,
+                        &PatchParams::apply(COSTS_MANAGER).force(),
+                        &Patch::Apply(&patch),
+                    ),
+                )
+                .await;
+                if !matches!(written, Ok(Ok(_))) {
+                    tracing::debug!(app = %format!("{namespace}/{name}"), ?written, "write the costs");
+                }
+            }
+        })
+        .await;
 }
 
 /// When each placement of `shown` began, from the autoscaler's clock at

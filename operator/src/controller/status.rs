@@ -218,6 +218,8 @@ pub fn compute(
         workloads,
         // The autoscaler's.
         placements: Vec::new(),
+        costs: Vec::new(),
+        saving: None,
     }
 }
 

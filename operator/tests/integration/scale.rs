@@ -256,20 +256,22 @@ async fn function_behind_a_gateway(
         name,
         json!({"mode": "Function", "scaling": scaling}),
         env,
+        &[],
     )
     .await
 }
 
 /// One workload `fn` of app `name` (mode and scaling from `fields`) with a
-/// route to it, the operator and a gateway.
+/// route to it, the operator (with `args`) and a gateway.
 async fn behind_a_gateway(
     ns: &TestNamespace,
     name: &str,
     fields: serde_json::Value,
     env: serde_json::Value,
+    args: &[&str],
 ) -> (OperatorProcess, GatewayHandle) {
     let operator =
-        OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
+        OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", args).await;
     let mut workload = json!({"name": "fn", "port": 8080, "requestTimeout": "90s",
         "template": {"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "fn", "image": "example/fn:1", "env": env,
             "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}},
@@ -619,12 +621,13 @@ async fn auto_mode_keeps_a_replica_under_steady_load_and_becomes_a_function_at_z
     use tandem::keepalive::placement::Placement;
     install_crd().await;
     let ns = TestNamespace::create("auto").await;
-    let (_operator, gateway) = behind_a_gateway(
+    let (operator, gateway) = behind_a_gateway(
         &ns,
         "auto",
         json!({"mode": "Auto", "scaling": {"scaleToZeroAfter": "10s"},
             "placement": {"minDwell": "30s", "coldStartBudget": "1%"}}),
         json!([]),
+        &["--cost-refresh=5s"],
     )
     .await;
     let deployments: Api<Deployment> = ns.api();
@@ -716,7 +719,49 @@ async fn auto_mode_keeps_a_replica_under_steady_load_and_becomes_a_function_at_z
     // Not before the keep-alive (10 s) plus a quarter of the window.
     assert!(zero_after >= Duration::from_secs(15), "{zero_after:?}");
 
+    // What it cost: a replica all along but for the time at zero, against
+    // one replica all the time (written every 5 s here).
+    wait_for(
+        "costs in status with the time at zero",
+        Duration::from_secs(30),
+        || async {
+            let app = apps.get("auto").await.map_err(|e| e.to_string())?;
+            let status = app.status.ok_or("no status")?;
+            let cost = status
+                .costs
+                .iter()
+                .find(|c| c.workload == "fn")
+                .ok_or_else(|| format!("no costs: {:?}", status.costs))?;
+            let day = &cost.last_day;
+            let at_zero = day.replica_hours < day.observed_hours
+                && day.cost > 0.0
+                && day.cost < day.always_on_cost
+                && status
+                    .saving
+                    .as_deref()
+                    .is_some_and(|s| s.ends_with('%') && s != "0%");
+            eprintln!("costs: {cost:?}, saving {:?}", status.saving);
+            if at_zero {
+                Ok(())
+            } else {
+                Err(format!("{cost:?}, saving {:?}", status.saving))
+            }
+        },
+    )
+    .await;
+
     // At zero it is a Function: a request is held and answered.
     let status = get(&client, &gateway.url("/after"), Duration::from_secs(60)).await;
     assert_eq!(status, 200);
+
+    // The same figures in the metrics.
+    let metrics = operator.get("/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("tandem_workload_cost{")
+                && l.contains("workload=\"fn\"")
+                && l.contains("window=\"24h\"")),
+        "{metrics}"
+    );
 }
