@@ -769,3 +769,147 @@ async fn an_app_that_cannot_be_read_is_skipped_with_an_event_and_the_others_sync
     assert_eq!(bad.status, 404, "{}", bad.body);
     operator.assert_never_forbidden();
 }
+
+/// The health helper (`testenv/health`), built once.
+fn health_helper() -> std::path::PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../testenv/health/build.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("run testenv/health/build.sh");
+    assert!(
+        out.status.success(),
+        "build the health helper: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8(out.stdout).unwrap();
+    std::path::PathBuf::from(path.trim())
+}
+
+/// What kstatus and Argo CD's health check (docs/argocd-health.lua) say of
+/// `app`: (status, message) each.
+fn health(helper: &std::path::Path, app: &HybridApp) -> ((String, String), (String, String)) {
+    use std::io::Write;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/argocd-health.lua");
+    let mut child = std::process::Command::new(helper)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the health helper");
+    let object = serde_json::to_vec(app).unwrap();
+    child.stdin.take().unwrap().write_all(&object).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "health: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pair = |tool: &str| {
+        (
+            verdict[tool]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            verdict[tool]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    (pair("kstatus"), pair("argocd"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kstatus_and_argo_cd_health_follow_an_app_from_in_progress_to_ready_and_a_stalled_one() {
+    let helper = health_helper();
+    // The script in the docs is the one tested.
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/argocd-health.lua"
+    ))
+    .unwrap();
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/gitops.md")).unwrap();
+    let body: Vec<&str> = script.lines().filter(|l| !l.starts_with("--")).collect();
+    let indented: String = body.iter().map(|l| format!("    {l}\n")).collect();
+    assert!(
+        docs.contains(&indented),
+        "docs/gitops.md shows docs/argocd-health.lua"
+    );
+
+    let (ns, kubeconfig) = setup("health").await;
+    let _operator = OperatorProcess::start(&ns.name, &kubeconfig, "op-1", &[]).await;
+    let apps: Api<HybridApp> = ns.api();
+    // Pods that take 3 s to become ready: the app converges for a while.
+    let mut slow = workload("web", "AlwaysOn", "1");
+    slow["template"]["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "ECHO_STARTUP_DELAY_MS", "value": "3000"}));
+    apps.create(&PostParams::default(), &app("slow", vec![slow]))
+        .await
+        .unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let ready = wait_for("Current and Healthy", WAIT, || async {
+        let app = apps.get("slow").await.map_err(|e| e.to_string())?;
+        let verdict = health(&helper, &app);
+        let observed = app
+            .status
+            .as_ref()
+            .and_then(|s| s.observed_generation)
+            .is_some();
+        let mut seen = seen.lock().unwrap();
+        if seen.last() != Some(&(observed, verdict.clone())) {
+            seen.push((observed, verdict.clone()));
+        }
+        match (&verdict.0.0[..], &verdict.1.0[..]) {
+            ("Current", "Healthy") => Ok(verdict),
+            _ => Err(format!("{verdict:?}")),
+        }
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
+    eprintln!("health while converging: {seen:?}");
+    // Once the operator wrote status and until Ready: in progress for both.
+    let converging: Vec<_> = seen
+        .iter()
+        .filter(|(observed, v)| *observed && v.0.0 != "Current")
+        .collect();
+    assert!(!converging.is_empty(), "{seen:?}");
+    for (_, ((kstatus, _), (argo, message))) in &converging {
+        assert_eq!(kstatus, "InProgress", "{seen:?}");
+        assert_eq!(argo, "Progressing", "{seen:?}");
+        assert!(!message.is_empty(), "{seen:?}");
+    }
+    assert!(ready.1.1.contains("ready"), "{ready:?}");
+    // Before the operator wrote any status, kstatus cannot tell (it says
+    // Current: docs/gitops.md explains); the Argo CD check waits.
+    for (_, (_, (argo, _))) in seen.iter().filter(|(observed, _)| !observed) {
+        assert_eq!(argo, "Progressing", "{seen:?}");
+    }
+
+    // A spec the schema cannot catch: Stalled, so Failed and Degraded.
+    let mut bad = workload("fn", "Function", "1");
+    bad["template"]["metadata"] = json!({"labels": {"tandem.dev/app": "other"}});
+    apps.create(&PostParams::default(), &app("bad", vec![bad]))
+        .await
+        .unwrap();
+    let failed = wait_for("Failed and Degraded", WAIT, || async {
+        let app = apps.get("bad").await.map_err(|e| e.to_string())?;
+        let verdict = health(&helper, &app);
+        match (&verdict.0.0[..], &verdict.1.0[..]) {
+            ("Failed", "Degraded") => Ok(verdict),
+            _ => Err(format!("{verdict:?}")),
+        }
+    })
+    .await;
+    eprintln!("health of a stalled app: {failed:?}");
+    assert!(
+        failed.1.1.contains("tandem.dev/app is set by Tandem"),
+        "{failed:?}"
+    );
+    assert!(failed.0.1.contains("tandem.dev/app"), "{failed:?}");
+}
