@@ -14,6 +14,12 @@ for _, c in ipairs(obj.status.conditions) do
     return {status = "Degraded", message = c.message}
   end
 end
+-- Converging, or a route migrating (as kstatus reads Reconciling).
+for _, c in ipairs(obj.status.conditions) do
+  if c.type == "Reconciling" and c.status == "True" then
+    return {status = "Progressing", message = c.message}
+  end
+end
 for _, c in ipairs(obj.status.conditions) do
   if c.type == "Ready" then
     if c.status == "True" then

@@ -531,18 +531,50 @@ async fn a_step_without_traffic_holds_then_stalls_with_the_reason() {
     )
     .await;
     let apps = setup.apps.clone();
+    let helper = crate::support::health_helper();
     set_weights(&apps, 0, 100).await;
+    // What Flux (kstatus) and Argo CD say all along.
+    let seen = std::sync::Mutex::new(Vec::new());
     wait_for(
         "the migration to stall",
         Duration::from_secs(90),
         || async {
-            match migration_state(&apps).await {
+            let app = apps.get("shop").await.map_err(|e| e.to_string())?;
+            let verdict = crate::support::health(&helper, &app);
+            let phase = migration_state(&apps).await;
+            let mut seen = seen.lock().unwrap();
+            if seen.last().map(|(p, v)| (p, v)) != Some((&phase, &verdict)) {
+                seen.push((phase, verdict));
+            }
+            match phase {
                 Some((MigrationPhase::Stalled, 50, 50)) => Ok(()),
                 other => Err(format!("{other:?}")),
             }
         },
     )
     .await;
+    let seen = seen.into_inner().unwrap();
+    eprintln!("health through the migration: {seen:?}");
+    let running: Vec<_> = seen
+        .iter()
+        .filter(|(phase, _)| matches!(phase, Some((MigrationPhase::Progressing, _, _))))
+        .collect();
+    assert!(!running.is_empty(), "{seen:?}");
+    for (_, ((kstatus, _), (argo, _))) in &running {
+        assert_eq!(
+            (kstatus.as_str(), argo.as_str()),
+            ("InProgress", "Progressing"),
+            "{seen:?}"
+        );
+    }
+    let app = apps.get("shop").await.unwrap();
+    let ((kstatus, _), (argo, message)) = crate::support::health(&helper, &app);
+    assert_eq!(
+        (kstatus.as_str(), argo.as_str()),
+        ("Failed", "Degraded"),
+        "{message}"
+    );
+    assert!(message.contains("of 50 requests"), "{message}");
     let (status, reason, message) = condition(&apps, "Stalled").await.unwrap();
     assert_eq!((status.as_str(), reason.as_str()), ("True", "Stalled"));
     assert!(message.contains("of 50 requests"), "{message}");

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tandem::api::{HybridApp, WorkloadState};
 use testenv::{TestNamespace, wait_for};
 
-use crate::support::{OperatorProcess, install_crd, operator_kubeconfig};
+use crate::support::{OperatorProcess, health, health_helper, install_crd, operator_kubeconfig};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -770,58 +770,6 @@ async fn an_app_that_cannot_be_read_is_skipped_with_an_event_and_the_others_sync
     operator.assert_never_forbidden();
 }
 
-/// The health helper (`testenv/health`), built once.
-fn health_helper() -> std::path::PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../testenv/health/build.sh");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run testenv/health/build.sh");
-    assert!(
-        out.status.success(),
-        "build the health helper: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8(out.stdout).unwrap();
-    std::path::PathBuf::from(path.trim())
-}
-
-/// What kstatus and Argo CD's health check (docs/argocd-health.lua) say of
-/// `app`: (status, message) each.
-fn health(helper: &std::path::Path, app: &HybridApp) -> ((String, String), (String, String)) {
-    use std::io::Write;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/argocd-health.lua");
-    let mut child = std::process::Command::new(helper)
-        .arg(script)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the health helper");
-    let object = serde_json::to_vec(app).unwrap();
-    child.stdin.take().unwrap().write_all(&object).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "health: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let verdict: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let pair = |tool: &str| {
-        (
-            verdict[tool]["status"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            verdict[tool]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        )
-    };
-    (pair("kstatus"), pair("argocd"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kstatus_and_argo_cd_health_follow_an_app_from_in_progress_to_ready_and_a_stalled_one() {
     let helper = health_helper();
@@ -833,7 +781,7 @@ async fn kstatus_and_argo_cd_health_follow_an_app_from_in_progress_to_ready_and_
     .unwrap();
     let docs =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/gitops.md")).unwrap();
-    let body: Vec<&str> = script.lines().filter(|l| !l.starts_with("--")).collect();
+    let body: Vec<&str> = script.lines().skip_while(|l| l.starts_with("--")).collect();
     let indented: String = body.iter().map(|l| format!("    {l}\n")).collect();
     assert!(
         docs.contains(&indented),

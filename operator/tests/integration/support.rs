@@ -345,3 +345,55 @@ impl Drop for OperatorProcess {
         self.process.signal(nix::sys::signal::Signal::SIGKILL);
     }
 }
+
+/// The health helper (`testenv/health`), built once.
+pub fn health_helper() -> std::path::PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../testenv/health/build.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("run testenv/health/build.sh");
+    assert!(
+        out.status.success(),
+        "build the health helper: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8(out.stdout).unwrap();
+    std::path::PathBuf::from(path.trim())
+}
+
+/// What kstatus and Argo CD's health check (docs/argocd-health.lua) say of
+/// `app`: (status, message) each.
+pub fn health(helper: &std::path::Path, app: &HybridApp) -> ((String, String), (String, String)) {
+    use std::io::Write;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/argocd-health.lua");
+    let mut child = std::process::Command::new(helper)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the health helper");
+    let object = serde_json::to_vec(app).unwrap();
+    child.stdin.take().unwrap().write_all(&object).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "health: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pair = |tool: &str| {
+        (
+            verdict[tool]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            verdict[tool]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    };
+    (pair("kstatus"), pair("argocd"))
+}
