@@ -146,7 +146,13 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         .build();
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
-    let cost_metrics = crate::autoscaler::costs::CostMetrics::register(&mut registry);
+    let cost_metrics = crate::autoscaler::costs::AutoscalerMetrics::register(&mut registry);
+    let leader = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    registry.register(
+        "tandem_operator_leader",
+        "1 while this replica holds the lease (writes and runs the autoscaler)",
+        leader.clone(),
+    );
     let admin_state = AdminState::new(registry);
     let listener = admin::bind(args.admin_address)
         .await
@@ -198,6 +204,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         }
         admin_state.set_ready(false, "leading, watches not synced yet");
     }
+    leader.set(1);
 
     let settings = ControllerSettings {
         concurrency: args.max_concurrent_reconciles.max(1),

@@ -3,7 +3,7 @@
 //! last day, priced with the pod's requests, beside what the same traffic
 //! would cost all-AlwaysOn at its minimum (never under `max(1,
 //! minReplicas)` replicas, and as many as it had above that). Pure, time
-//! passed in; [`CostMetrics`] exports the same figures.
+//! passed in; [`AutoscalerMetrics`] exports the same figures.
 //!
 //! The windows are rings of buckets (60 of a minute, 24 of an hour), so a
 //! workload's history is bounded whatever its age. A new leader starts
@@ -224,18 +224,26 @@ struct CostLabels {
 
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
-/// The figures as gauges, per workload and window.
+/// The autoscaler's gauges: the cost figures per workload and window, and
+/// the workloads held at their scale for want of a signal.
 #[derive(Clone, Default)]
-pub struct CostMetrics {
+pub struct AutoscalerMetrics {
+    /// Workloads whose gateways went silent while busy (held at their scale).
+    pub holding_without_signal: Gauge,
     replica_hours: Family<CostLabels, FloatGauge>,
     cost: Family<CostLabels, FloatGauge>,
     always_on_cost: Family<CostLabels, FloatGauge>,
 }
 
-impl CostMetrics {
+impl AutoscalerMetrics {
     /// Creates the gauges and registers them with `registry`.
     pub fn register(registry: &mut Registry) -> Self {
-        let metrics = CostMetrics::default();
+        let metrics = AutoscalerMetrics::default();
+        registry.register(
+            "tandem_autoscaler_holding_without_signal",
+            "Workloads held at their scale because a gateway went silent while busy",
+            metrics.holding_without_signal.clone(),
+        );
         registry.register(
             "tandem_workload_replica_hours",
             "Replica-hours a workload ran over the window (1h or 24h)",

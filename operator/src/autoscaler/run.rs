@@ -35,7 +35,7 @@ use tokio::time::Instant;
 
 use super::ScalingPolicy;
 use super::algorithm::Reason;
-use super::costs::{CostMetrics, Costs, Span};
+use super::costs::{AutoscalerMetrics, Costs, Span};
 use super::placed::PlacementPolicy;
 use super::state::{AppRef, Cluster, ScaleWrite, ScalerState, Shown};
 use crate::api::contract::{AUTOSCALER_MANAGER, COSTS_MANAGER, apply_scale, child_name, condition};
@@ -213,7 +213,7 @@ pub struct Costing {
     /// How often `status.costs` is written.
     pub refresh: Duration,
     /// The gauges.
-    pub metrics: CostMetrics,
+    pub metrics: AutoscalerMetrics,
 }
 
 /// Serves the demand/stats endpoint on `listener` and runs the loop. Ends
@@ -293,6 +293,9 @@ pub async fn run(
                     cost_writes = Some(tokio::spawn(write_costs(client.clone(), patches)));
                 }
                 let outcome = state.tick(now(), &view);
+                cost_metrics
+                    .holding_without_signal
+                    .set(state.holding_without_signal() as i64);
                 for write in outcome.writes {
                     writes.spawn(scale(client.clone(), recorder.clone(), view.apps.clone(), write));
                 }

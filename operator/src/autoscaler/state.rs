@@ -274,6 +274,14 @@ impl ScalerState {
         }
     }
 
+    /// How many workloads are held at their scale for want of a signal.
+    pub fn holding_without_signal(&self) -> usize {
+        self.workloads
+            .values()
+            .filter(|t| t.stale.is_some())
+            .count()
+    }
+
     /// A condition returned by [`ScalerState::tick`] was written.
     pub fn shown(&mut self, app: AppRef, condition: Shown) {
         self.shown.insert(app, condition);

@@ -236,6 +236,14 @@ impl GatewayArgs {
 pub async fn run(args: GatewayArgs) -> Result<()> {
     let mut registry = Registry::default();
     let metrics = metrics::GatewayMetrics::register(&mut registry);
+    // The held-queue bound, so an alert can compare the queue with it.
+    let max_held = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    max_held.set(args.max_held_requests.min(i64::MAX as usize) as i64);
+    registry.register(
+        "tandem_gateway_max_held_requests",
+        "Most requests held per cold workload (--max-held-requests)",
+        max_held,
+    );
     let admin_state = AdminState::new(registry);
     let admin_listener = admin::bind(args.admin_address)
         .await

@@ -370,3 +370,102 @@ async fn helm_install_runs_the_operator_and_gateway_as_pods_and_uninstall_leaves
     .await;
     assert!(crd.status.success(), "Helm keeps the CRD: {}", text(&crd));
 }
+
+/// Runs `promtool` (Debian's `prometheus` package; `.ci/run` installs it).
+fn promtool(args: &[&str], dir: &Path) -> Output {
+    std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("run promtool (install Debian's prometheus package, as .ci/run does): {e}")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_rules_pass_promtool_and_the_chart_ships_them_unchanged() {
+    let files = repo().join("charts/tandem/files");
+    let check = promtool(&["check", "rules", "prometheus-rules.yaml"], &files);
+    assert!(
+        check.status.success(),
+        "promtool check rules: {}",
+        text(&check)
+    );
+    let unit = promtool(&["test", "rules", "prometheus-rules.test.yaml"], &files);
+    assert!(
+        unit.status.success(),
+        "promtool test rules: {}",
+        text(&unit)
+    );
+
+    // Every metric the rules read is one Tandem registers.
+    let rules = std::fs::read_to_string(files.join("prometheus-rules.yaml")).unwrap();
+    let mut sources = String::new();
+    for file in [
+        "gateway/metrics.rs",
+        "gateway/mod.rs",
+        "controller/metrics.rs",
+        "autoscaler/costs.rs",
+        "operator.rs",
+    ] {
+        sources += &std::fs::read_to_string(repo().join("operator/src").join(file)).unwrap();
+    }
+    let mut names: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|w| w.starts_with("tandem_"))
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        let base = ["_total", "_bucket"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        assert!(
+            sources.contains(&format!("\"{base}\"")),
+            "the rules read {name}, which nothing registers"
+        );
+    }
+
+    // With every monitoring value on, the chart renders a PrometheusRule
+    // whose spec is the rule file, a ServiceMonitor and a PodMonitor.
+    let rendered = succeed(
+        "helm",
+        &[
+            "template",
+            "t",
+            &chart(),
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+        ],
+    )
+    .await;
+    let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_slice(&rendered.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &serde_json::Value| !d.is_null())
+        .collect();
+    let of_kind = |kind: &str| {
+        documents
+            .iter()
+            .filter(|d| d["kind"] == kind)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let rule = of_kind("PrometheusRule");
+    assert_eq!(rule.len(), 1);
+    let file: serde_json::Value = serde_yaml::from_str(&rules).unwrap();
+    assert_eq!(
+        rule[0]["spec"], file,
+        "the PrometheusRule's spec is files/prometheus-rules.yaml"
+    );
+    let monitors = of_kind("ServiceMonitor");
+    assert_eq!(monitors[0]["spec"]["endpoints"][0]["port"], "metrics");
+    let pods = of_kind("PodMonitor");
+    assert_eq!(pods[0]["spec"]["podMetricsEndpoints"][0]["port"], "admin");
+    // Off by default; the plain scrape annotations are on.
+    let plain = succeed("helm", &["template", "t", &chart()]).await;
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(!plain.contains("monitoring.coreos.com"), "{plain}");
+    assert_eq!(plain.matches("prometheus.io/scrape: \"true\"").count(), 2);
+}
