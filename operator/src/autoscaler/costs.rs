@@ -10,7 +10,7 @@
 //! from nothing: its figures cover the time it has watched
 //! (`observedHours` says how much).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -18,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::window::Buckets;
 use crate::protocol::WorkloadRef;
 
 /// One window: its length and its buckets' width.
@@ -59,7 +60,6 @@ impl Span {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Bucket {
-    start: Duration,
     seconds: f64,
     replica_seconds: f64,
     always_on_seconds: f64,
@@ -67,26 +67,12 @@ struct Bucket {
 
 #[derive(Debug, Clone, Default)]
 struct Ring {
-    buckets: VecDeque<Bucket>,
+    buckets: Buckets<Bucket>,
 }
 
 impl Ring {
     fn book(&mut self, span: Span, now: Duration, seconds: f64, replicas: f64, floor: f64) {
-        if self
-            .buckets
-            .back()
-            .is_none_or(|b| now >= b.start + span.bucket())
-        {
-            self.buckets.push_back(Bucket {
-                start: now,
-                ..Bucket::default()
-            });
-        }
-        let horizon = now.saturating_sub(span.length());
-        while self.buckets.len() > 1 && self.buckets[1].start <= horizon {
-            self.buckets.pop_front();
-        }
-        let bucket = self.buckets.back_mut().expect("just pushed");
+        let bucket = self.buckets.at(now, span.length(), span.bucket());
         bucket.seconds += seconds;
         bucket.replica_seconds += seconds * replicas;
         bucket.always_on_seconds += seconds * replicas.max(floor);
@@ -94,7 +80,6 @@ impl Ring {
 
     fn total(&self) -> Bucket {
         self.buckets.iter().fold(Bucket::default(), |t, b| Bucket {
-            start: t.start,
             seconds: t.seconds + b.seconds,
             replica_seconds: t.replica_seconds + b.replica_seconds,
             always_on_seconds: t.always_on_seconds + b.always_on_seconds,
@@ -349,7 +334,9 @@ mod tests {
             costs.book(Duration::from_secs(tick * 2), &fun, 1, 0, 1.0);
         }
         let booked = &costs.workloads[&fun];
-        assert!(booked.hour.buckets.len() <= 61 && booked.day.buckets.len() <= 25);
+        assert!(
+            booked.hour.buckets.iter().count() <= 61 && booked.day.buckets.iter().count() <= 25
+        );
         let day = costs.figures(&fun, Span::Day).unwrap();
         assert!((day.observed_hours - 24.0).abs() < 1.01, "{day:?}");
         costs.retain(|_| false);

@@ -9,5 +9,6 @@ pub mod learned;
 pub mod placed;
 pub mod run;
 pub mod state;
+pub mod window;
 
 pub use algorithm::{Autoscaler, Observation, Reason, ScaleDecision, ScalingPolicy};

@@ -19,8 +19,9 @@
 //! (so it needs that much observed; a new leader observes afresh), and a
 //! change waits for `minDwell` in the current placement.
 
-use std::collections::VecDeque;
 use std::time::Duration;
+
+use super::window::Buckets;
 
 use crate::keepalive::placement::{Dwell, Placement, Recommendation, recommend};
 
@@ -46,7 +47,6 @@ pub struct PlacementPolicy {
 
 #[derive(Debug, Clone, Default)]
 struct Bucket {
-    start: Duration,
     seconds: f64,
     loaded: f64,
     requests: f64,
@@ -58,7 +58,7 @@ struct Bucket {
 pub struct Placed {
     policy: PlacementPolicy,
     dwell: Dwell,
-    buckets: VecDeque<Bucket>,
+    buckets: Buckets<Bucket>,
     accounted: Duration,
     shown: Option<(Duration, Recommendation)>,
 }
@@ -78,7 +78,7 @@ impl Placed {
         Placed {
             dwell: Dwell::new(placement, since, secs(policy.min_dwell)),
             policy,
-            buckets: VecDeque::new(),
+            buckets: Buckets::default(),
             accounted: now,
             shown: None,
         }
@@ -103,17 +103,7 @@ impl Placed {
 
     fn bucket(&mut self, now: Duration) -> &mut Bucket {
         let width = (self.policy.min_dwell / BUCKETS).max(Duration::from_secs(1));
-        if self.buckets.back().is_none_or(|b| now >= b.start + width) {
-            self.buckets.push_back(Bucket {
-                start: now,
-                ..Bucket::default()
-            });
-        }
-        let horizon = now.saturating_sub(self.policy.min_dwell);
-        while self.buckets.len() > 1 && self.buckets[1].start <= horizon {
-            self.buckets.pop_front();
-        }
-        self.buckets.back_mut().expect("just pushed")
+        self.buckets.at(now, self.policy.min_dwell, width)
     }
 
     /// Books the time since the last call: loaded as a Function or not.
@@ -141,7 +131,7 @@ impl Placed {
     /// has been observed.
     fn recommendation(&self) -> Option<Recommendation> {
         let (mut seconds, mut loaded, mut requests, mut cold) = (0.0, 0.0, 0.0, 0.0);
-        for b in &self.buckets {
+        for b in self.buckets.iter() {
             seconds += b.seconds;
             loaded += b.loaded;
             requests += b.requests;
