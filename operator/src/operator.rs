@@ -146,7 +146,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         .build();
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
-    let cost_metrics = crate::autoscaler::costs::AutoscalerMetrics::register(&mut registry);
+    let cost_metrics = crate::autoscaler::metrics::AutoscalerMetrics::register(&mut registry);
     let leader = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     registry.register(
         "tandem_operator_leader",

@@ -8,10 +8,13 @@
 //! - [`echo`]: the default Pod process, a small HTTP echo backend.
 //! - [`harness`]: one shared environment per test binary, a namespace per test.
 //! - [`gateway_api`]: the Gateway API CRDs, on request.
+//! - [`prometheus_operator`]: the Prometheus Operator's monitoring CRDs, on request
+//!   (both through [`crds`], from their Go modules).
 //! - [`forwarder`]: a cuttable TCP path to the API server (partitions).
 
 pub mod binaries;
 pub mod controlplane;
+pub mod crds;
 pub mod echo;
 pub mod forwarder;
 pub mod gateway_api;
@@ -19,6 +22,7 @@ pub mod harness;
 pub mod kubelet;
 pub mod network;
 pub mod process;
+pub mod prometheus_operator;
 
 pub use controlplane::ControlPlane;
 pub use harness::{Environment, TestNamespace, environment, wait_for, wait_for_crd};

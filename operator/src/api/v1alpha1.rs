@@ -223,6 +223,15 @@ impl Mode {
     pub fn function_like(self) -> bool {
         self != Mode::AlwaysOn
     }
+
+    /// The name as the spec writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Function => "Function",
+            Mode::AlwaysOn => "AlwaysOn",
+            Mode::Auto => "Auto",
+        }
+    }
 }
 
 /// How `mode: Auto` decides. Omitted fields take the defaults in their

@@ -3,7 +3,7 @@
 //! last day, priced with the pod's requests, beside what the same traffic
 //! would cost all-AlwaysOn at its minimum (never under `max(1,
 //! minReplicas)` replicas, and as many as it had above that). Pure, time
-//! passed in; [`AutoscalerMetrics`] exports the same figures.
+//! passed in; [`super::metrics::AutoscalerMetrics`] exports the same figures.
 //!
 //! The windows are rings of buckets (60 of a minute, 24 of an hour), so a
 //! workload's history is bounded whatever its age. A new leader starts
@@ -12,11 +12,6 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
-
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 
 use super::window::Buckets;
 use crate::protocol::WorkloadRef;
@@ -196,86 +191,6 @@ impl Costs {
     /// Every workload booked.
     pub fn workloads(&self) -> impl Iterator<Item = &WorkloadRef> {
         self.workloads.keys()
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CostLabels {
-    namespace: String,
-    app: String,
-    workload: String,
-    window: &'static str,
-}
-
-type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
-
-/// The autoscaler's gauges: the cost figures per workload and window, and
-/// the workloads held at their scale for want of a signal.
-#[derive(Clone, Default)]
-pub struct AutoscalerMetrics {
-    /// Workloads whose gateways went silent while busy (held at their scale).
-    pub holding_without_signal: Gauge,
-    replica_hours: Family<CostLabels, FloatGauge>,
-    cost: Family<CostLabels, FloatGauge>,
-    always_on_cost: Family<CostLabels, FloatGauge>,
-}
-
-impl AutoscalerMetrics {
-    /// Creates the gauges and registers them with `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
-        let metrics = AutoscalerMetrics::default();
-        registry.register(
-            "tandem_autoscaler_holding_without_signal",
-            "Workloads held at their scale because a gateway went silent while busy",
-            metrics.holding_without_signal.clone(),
-        );
-        registry.register(
-            "tandem_workload_replica_hours",
-            "Replica-hours a workload ran over the window (1h or 24h)",
-            metrics.replica_hours.clone(),
-        );
-        registry.register(
-            "tandem_workload_cost",
-            "What those replica-hours cost at the configured prices",
-            metrics.cost.clone(),
-        );
-        registry.register(
-            "tandem_workload_always_on_cost",
-            "What the same traffic would cost all-AlwaysOn at the workload's minimum",
-            metrics.always_on_cost.clone(),
-        );
-        metrics
-    }
-
-    /// Sets every series from `costs`, and removes those of workloads gone.
-    pub fn export(&self, costs: &Costs, gone: &[WorkloadRef]) {
-        let labels = |w: &WorkloadRef, span: Span| CostLabels {
-            namespace: w.namespace.clone(),
-            app: w.app.clone(),
-            workload: w.workload.clone(),
-            window: span.label(),
-        };
-        for span in [Span::Hour, Span::Day] {
-            for workload in gone {
-                let labels = labels(workload, span);
-                self.replica_hours.remove(&labels);
-                self.cost.remove(&labels);
-                self.always_on_cost.remove(&labels);
-            }
-            for workload in costs.workloads() {
-                let Some(f) = costs.figures(workload, span) else {
-                    continue;
-                };
-                let labels = labels(workload, span);
-                self.replica_hours
-                    .get_or_create(&labels)
-                    .set(f.replica_hours);
-                self.cost.get_or_create(&labels).set(f.cost);
-                self.always_on_cost
-                    .get_or_create(&labels)
-                    .set(f.always_on_cost);
-            }
-        }
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod algorithm;
 pub mod costs;
 pub mod learned;
+pub mod metrics;
 pub mod placed;
 pub mod run;
 pub mod state;

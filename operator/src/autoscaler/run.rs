@@ -35,7 +35,8 @@ use tokio::time::Instant;
 
 use super::ScalingPolicy;
 use super::algorithm::Reason;
-use super::costs::{AutoscalerMetrics, Costs, Span};
+use super::costs::{Costs, Span};
+use super::metrics::{AutoscalerMetrics, Replicas};
 use super::placed::PlacementPolicy;
 use super::state::{AppRef, Cluster, ScaleWrite, ScalerState, Shown};
 use crate::api::contract::{AUTOSCALER_MANAGER, COSTS_MANAGER, apply_scale, child_name, condition};
@@ -87,10 +88,12 @@ fn placement_policy(app: &HybridApp, workload: &Workload, prices: &Prices) -> Pl
 }
 
 impl View {
-    /// Books every workload's replicas in `costs` at `now` (and forgets
-    /// those gone, which it returns).
-    fn book_costs(&self, costs: &mut Costs, now: Duration) -> Vec<WorkloadRef> {
+    /// Books every workload's replicas in `costs` at `now` and forgets
+    /// those gone; returns them, and every workload's replicas.
+    fn book_costs(&self, costs: &mut Costs, now: Duration) -> (Vec<WorkloadRef>, Vec<Replicas>) {
         let mut live = HashSet::new();
+        // The Deployments' replicas, for the gauges.
+        let mut replicas_now = Vec::new();
         for app in self.apps.state() {
             for workload in &app.spec.workloads {
                 let key = WorkloadRef {
@@ -101,6 +104,12 @@ impl View {
                 let Some(replicas) = self.replicas(&key) else {
                     continue;
                 };
+                replicas_now.push(Replicas {
+                    workload: key.clone(),
+                    mode: workload.mode.as_str(),
+                    desired: replicas,
+                    ready: self.ready_replicas(&key),
+                });
                 let floor = workload.scaling().min_replicas.max(1) as u32;
                 let (vcpu, memory_gib) =
                     crate::keepalive::placement::pod_requests(&workload.template);
@@ -115,7 +124,17 @@ impl View {
             .cloned()
             .collect();
         costs.retain(|key| live.contains(key));
-        gone
+        (gone, replicas_now)
+    }
+
+    /// The ready replicas of a workload's Deployment (0 if unknown).
+    fn ready_replicas(&self, key: &WorkloadRef) -> u32 {
+        let name = child_name(&key.app, &key.workload);
+        self.deployments
+            .get(&ObjectRef::new(&name).within(&key.namespace))
+            .and_then(|d| d.status.as_ref()?.ready_replicas)
+            .unwrap_or(0)
+            .max(0) as u32
     }
 }
 
@@ -283,8 +302,9 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
-                let gone = view.book_costs(&mut costs, now());
+                let (gone, replicas) = view.book_costs(&mut costs, now());
                 cost_metrics.export(&costs, &gone);
+                cost_metrics.export_replicas(&replicas);
                 if costs_written.elapsed() >= cost_refresh
                     && cost_writes.as_ref().is_none_or(|w| w.is_finished())
                 {

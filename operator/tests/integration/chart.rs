@@ -383,7 +383,8 @@ fn promtool(args: &[&str], dir: &Path) -> Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_prometheus_rules_pass_promtool_and_the_chart_ships_them_unchanged() {
+async fn the_prometheus_rules_pass_promtool_and_the_monitoring_objects_pass_the_prometheus_operator_crds()
+ {
     let files = repo().join("charts/tandem/files");
     let check = promtool(&["check", "rules", "prometheus-rules.yaml"], &files);
     assert!(
@@ -405,7 +406,7 @@ async fn the_prometheus_rules_pass_promtool_and_the_chart_ships_them_unchanged()
         "gateway/metrics.rs",
         "gateway/mod.rs",
         "controller/metrics.rs",
-        "autoscaler/costs.rs",
+        "autoscaler/metrics.rs",
         "operator.rs",
     ] {
         sources += &std::fs::read_to_string(repo().join("operator/src").join(file)).unwrap();
@@ -429,18 +430,11 @@ async fn the_prometheus_rules_pass_promtool_and_the_chart_ships_them_unchanged()
     }
 
     // With every monitoring value on, the chart renders a PrometheusRule
-    // whose spec is the rule file, a ServiceMonitor and a PodMonitor.
-    let rendered = succeed(
-        "helm",
-        &[
-            "template",
-            "t",
-            &chart(),
-            "--set",
-            "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
-        ],
-    )
-    .await;
+    // whose spec is the rule file, a ServiceMonitor, a PodMonitor and the
+    // dashboard's ConfigMap.
+    let all_on = "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true,\
+                  metrics.dashboard.enabled=true";
+    let rendered = succeed("helm", &["template", "t", &chart(), "--set", all_on]).await;
     let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_slice(&rendered.stdout)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .filter(|d: &serde_json::Value| !d.is_null())
@@ -461,8 +455,113 @@ async fn the_prometheus_rules_pass_promtool_and_the_chart_ships_them_unchanged()
     );
     let monitors = of_kind("ServiceMonitor");
     assert_eq!(monitors[0]["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(monitors[0]["spec"]["endpoints"][0]["honorLabels"], true);
     let pods = of_kind("PodMonitor");
     assert_eq!(pods[0]["spec"]["podMetricsEndpoints"][0]["port"], "admin");
+    assert_eq!(
+        pods[0]["spec"]["podMetricsEndpoints"][0]["honorLabels"],
+        true
+    );
+    let dashboards: Vec<_> = of_kind("ConfigMap")
+        .into_iter()
+        .filter(|c| c["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .collect();
+    assert_eq!(dashboards.len(), 1, "one dashboard ConfigMap");
+    let shipped: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(files.join("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let in_chart: serde_json::Value =
+        serde_json::from_str(dashboards[0]["data"]["tandem-apps.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        in_chart, shipped,
+        "the ConfigMap holds files/grafana-dashboard.json"
+    );
+
+    // The monitoring objects pass the Prometheus Operator's own CRD schemas
+    // (from its Go module), in a server-side dry run of the whole render.
+    install_crd().await;
+    let client = environment().client().await;
+    let names = testenv::prometheus_operator::install(&client)
+        .await
+        .expect("the Prometheus Operator CRDs install");
+    assert_eq!(names.len(), 3, "{names:?}");
+    let ns = TestNamespace::create("chart-monitoring").await;
+    let rendered = succeed(
+        "helm",
+        &[
+            "template",
+            "t",
+            &chart(),
+            "--namespace",
+            &ns.name,
+            "--set",
+            all_on,
+        ],
+    )
+    .await;
+    let kubectl_dry_run = || async {
+        let applied = tool(
+            "kubectl",
+            &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+            Some(rendered.stdout.clone()),
+        )
+        .await;
+        if applied.status.success() {
+            Ok(applied)
+        } else {
+            Err(text(&applied))
+        }
+    };
+    // The new CRDs take a moment to be served.
+    let applied = wait_for(
+        "a server-side dry run with every monitoring value on",
+        Duration::from_secs(30),
+        kubectl_dry_run,
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&applied.stdout);
+    for object in [
+        "servicemonitor.monitoring.coreos.com/t-tandem-operator",
+        "podmonitor.monitoring.coreos.com/t-tandem-gateway",
+        "prometheusrule.monitoring.coreos.com/t-tandem",
+        "configmap/t-tandem-dashboard",
+    ] {
+        assert!(
+            stdout.contains(object),
+            "{object} missing: {}",
+            text(&applied)
+        );
+    }
+    assert!(
+        server_warnings(&applied).is_empty(),
+        "warnings: {}",
+        text(&applied)
+    );
+    // A PrometheusRule the CRD refuses is refused: the dry run is a check.
+    let bad = tool(
+        "kubectl",
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-n",
+            &ns.name,
+            "-f",
+            "-",
+        ],
+        Some(
+            br#"{"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+                 "metadata": {"name": "bad"}, "spec": {"groups": [{"rules": []}]}}"#
+                .to_vec(),
+        ),
+    )
+    .await;
+    assert!(
+        !bad.status.success() && text(&bad).contains("name"),
+        "a group without a name should be refused: {}",
+        text(&bad)
+    );
     // Off by default; the plain scrape annotations are on.
     let plain = succeed("helm", &["template", "t", &chart()]).await;
     let plain = String::from_utf8_lossy(&plain.stdout);

@@ -306,6 +306,11 @@ impl Gateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The admin endpoint (/metrics, /healthz).
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
     /// The gateway's Prometheus metrics.
     pub async fn metrics(&self) -> String {
         testenv::http_client::get(&format!("http://{}/metrics", self.admin))

@@ -6,6 +6,7 @@ mod chart;
 mod gateway;
 mod gatewayapi;
 mod migration;
+mod observability;
 mod operator;
 mod scale;
 mod services;
