@@ -365,14 +365,14 @@ async fn scale(
     .await;
     match applied {
         Ok(Ok(())) => {
-            tracing::info!(workload = %format!("{}/{}/{}", key.namespace, key.app, key.workload), from = write.from, to = write.to, reason = write.reason.as_str(), "{}", write.message)
+            tracing::info!(namespace = %key.namespace, app = %key.app, workload = %key.workload, from = write.from, to = write.to, reason = write.reason.as_str(), "{}", write.message)
         }
         Ok(Err(error)) => {
-            tracing::warn!(%error, deployment = %name, "scale");
+            tracing::warn!(%error, namespace = %key.namespace, app = %key.app, workload = %key.workload, deployment = %name, "scale");
             return (write, false);
         }
         Err(_) => {
-            tracing::warn!(deployment = %name, timeout = ?WRITE_TIMEOUT, "scale timed out");
+            tracing::warn!(namespace = %key.namespace, app = %key.app, workload = %key.workload, deployment = %name, timeout = ?WRITE_TIMEOUT, "scale timed out");
             return (write, false);
         }
     }

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -470,7 +471,14 @@ fn error_policy(app: Arc<HybridApp>, error: &Error, context: Arc<Context>) -> Ac
 
 async fn reconcile(app: Arc<HybridApp>, context: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = reconcile_app(&app, &context).await;
+    // Every line logged while reconciling carries the app (in JSON logs,
+    // the span's fields).
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = %app.namespace().unwrap_or_default(),
+        app = %app.name_any()
+    );
+    let result = reconcile_app(&app, &context).instrument(span).await;
     context
         .metrics
         .reconciled(result.is_ok(), started.elapsed());
@@ -1143,13 +1151,16 @@ async fn update_status(
         Err(error) => return Err(error.into()),
     }
     context.metrics.write("status");
-    for note in routes.notes {
+    for (route, note) in routes.notes {
         let type_ = if note.warning {
             EventType::Warning
         } else {
             EventType::Normal
         };
-        publish_as(context, app, type_, note.reason, &note.action, note.message).await;
+        let span = tracing::info_span!("route", route = %route);
+        publish_as(context, app, type_, note.reason, &note.action, note.message)
+            .instrument(span)
+            .await;
     }
     if !routes.consumed.is_empty() {
         consume_commands(context, &namespace, &name, &routes.consumed).await;
@@ -1172,7 +1183,8 @@ async fn update_status(
 /// The routes' next statuses, from [`crate::migration::advance`].
 struct Routes {
     statuses: Vec<crate::api::RouteStatus>,
-    notes: Vec<crate::migration::Note>,
+    /// Each route's Events to publish, with the route's name.
+    notes: Vec<(String, crate::migration::Note)>,
     recheck: Option<Duration>,
     /// Routes whose one-shot command annotation was acted on.
     consumed: Vec<String>,
@@ -1218,7 +1230,9 @@ fn migrate(
         if outcome.consumed.is_some_and(|c| c.one_shot()) {
             routes.consumed.push(route.name.clone());
         }
-        routes.notes.extend(outcome.notes);
+        routes
+            .notes
+            .extend(outcome.notes.into_iter().map(|n| (route.name.clone(), n)));
         routes.recheck = match (routes.recheck, outcome.recheck) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1322,6 +1336,12 @@ async fn publish_as(
     action: &str,
     note: String,
 ) {
+    tracing::info!(
+        reason,
+        action,
+        warning = type_ == EventType::Warning,
+        "{note}"
+    );
     let event = Event {
         type_,
         reason: reason.into(),

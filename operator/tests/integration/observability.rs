@@ -251,8 +251,13 @@ async fn prometheus_scrapes_tandem_evaluates_its_rules_fires_its_alerts_and_answ
 {
     install_crd().await;
     let ns = TestNamespace::create("obs").await;
-    let operator =
-        OperatorProcess::start(&ns.name, &operator_kubeconfig(&ns.name).await, "op-1", &[]).await;
+    let operator = OperatorProcess::start(
+        &ns.name,
+        &operator_kubeconfig(&ns.name).await,
+        "op-1",
+        &["--log-format=json"],
+    )
+    .await;
     let template = |name: &str, delay_ms: &str| {
         json!({"spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": name, "image": "example/echo:1",
             "env": [{"name": "ECHO_STARTUP_DELAY_MS", "value": delay_ms}],
@@ -611,6 +616,41 @@ async fn prometheus_scrapes_tandem_evaluates_its_rules_fires_its_alerts_and_answ
             "variable {query}: {values}"
         );
     }
+
+    // JSON logs: every line an object; scaling lines name the namespace,
+    // app and workload, and lines logged while reconciling carry the app
+    // (and the route, for a migration's) in their spans.
+    let log = operator.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let ours = |l: &&Value, key: &str, value: &str| {
+        l["fields"][key] == value
+            || l["spans"]
+                .as_array()
+                .is_some_and(|spans| spans.iter().any(|s| s[key] == value))
+    };
+    let scaled: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["reason"] == "ScaledFromZero")
+        .collect();
+    assert!(
+        scaled.iter().any(|l| ours(l, "namespace", &ns.name)
+            && ours(l, "app", "obs")
+            && ours(l, "workload", "fn")),
+        "no ScaledFromZero line naming the workload: {scaled:?}"
+    );
+    let started: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["reason"] == "MigrationStarted")
+        .collect();
+    assert!(
+        started.iter().any(|l| ours(l, "namespace", &ns.name)
+            && ours(l, "app", "obs")
+            && ours(l, "route", "split")),
+        "no MigrationStarted line naming the route: {started:?}"
+    );
 
     // The operator dies: no leader, and the alert fires.
     operator.kill().await;
