@@ -190,8 +190,7 @@ impl Prometheus {
         Err(format!("no alert rule {name}: {data}"))
     }
 
-    /// Waits until alert rule `name` has been evaluated at least once
-    /// after `since` (a Unix time) and is in `state`; returns its alerts.
+    /// Waits until alert rule `name` is in `state`; returns its alerts.
     async fn wait_alert(&self, name: &str, state: &str) -> Vec<Value> {
         wait_for(
             &format!("alert {name} to be {state}"),
