@@ -35,7 +35,7 @@ enum Command {
     /// (the default) several replicas can run; only the Lease holder writes.
     /// Serves /healthz, /readyz (ready once the watches have synced) and
     /// /metrics on --admin-address. SIGTERM stops it gracefully.
-    Operator(tandem::operator::OperatorArgs),
+    Operator(Box<tandem::operator::OperatorArgs>),
     /// Run the data plane: the HTTP gateway that routes by host and path,
     /// splits by weight, and holds requests while a function starts.
     ///
@@ -65,12 +65,24 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Operator(args) => {
-            tandem::telemetry::init(args.log_format);
-            tokio::runtime::Runtime::new()?.block_on(tandem::operator::run(args))
+            let runtime = tokio::runtime::Runtime::new()?;
+            let _telemetry = tandem::telemetry::init(
+                args.log_format,
+                &args.traces,
+                "tandem-operator",
+                runtime.handle(),
+            )?;
+            runtime.block_on(tandem::operator::run(*args))
         }
         Command::Gateway(args) => {
-            tandem::telemetry::init(args.log_format);
-            tokio::runtime::Runtime::new()?.block_on(tandem::gateway::run(*args))
+            let runtime = tokio::runtime::Runtime::new()?;
+            let _telemetry = tandem::telemetry::init(
+                args.log_format,
+                &args.traces,
+                "tandem-gateway",
+                runtime.handle(),
+            )?;
+            runtime.block_on(tandem::gateway::run(*args))
         }
         Command::Plan(args) => tandem::keepalive::cli::run_plan(&args),
         Command::Trace(args) => tandem::keepalive::cli::run_trace(&args),

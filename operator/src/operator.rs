@@ -37,6 +37,10 @@ pub struct OperatorArgs {
     #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 
+    /// Trace export.
+    #[command(flatten)]
+    pub traces: crate::telemetry::TraceArgs,
+
     /// Most HybridApps reconciled at the same time.
     #[arg(long, env = "TANDEM_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
     pub max_concurrent_reconciles: u16,

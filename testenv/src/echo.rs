@@ -1,6 +1,7 @@
 //! The echo backend: the default process of a test pod.
 //!
-//! It answers every request with its pod name, the path and the request id,
+//! It answers every request with its pod name, the path, the request id
+//! and the `traceparent` it got,
 //! and logs one line per request (`request id=... method=... path=...`) so a
 //! test can check that each request reached a backend exactly once.
 //!
@@ -211,6 +212,7 @@ async fn handle(
     let forwarded_for = header(&request, "x-forwarded-for")
         .unwrap_or("-")
         .to_string();
+    let traceparent = header(&request, "traceparent").unwrap_or("-").to_string();
 
     let body = match request.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -229,7 +231,7 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let mut answer = format!(
-        "pod={name} method={method} path={path} request-id={id} forwarded-for={forwarded_for} body-bytes={}\n",
+        "pod={name} method={method} path={path} request-id={id} forwarded-for={forwarded_for} traceparent={traceparent} body-bytes={}\n",
         body.len()
     );
     if echo_body {

@@ -473,12 +473,21 @@ async fn reconcile(app: Arc<HybridApp>, context: Arc<Context>) -> Result<Action,
     let started = Instant::now();
     // Every line logged while reconciling carries the app (in JSON logs,
     // the span's fields).
+    // With trace export on, the span is a trace of its own, marked an
+    // error when the reconcile fails.
     let span = tracing::info_span!(
         "reconcile",
         namespace = %app.namespace().unwrap_or_default(),
-        app = %app.name_any()
+        app = %app.name_any(),
+        generation = app.metadata.generation.unwrap_or_default(),
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
     );
-    let result = reconcile_app(&app, &context).instrument(span).await;
+    let result = reconcile_app(&app, &context).instrument(span.clone()).await;
+    if let Err(error) = &result {
+        span.record("otel.status_code", "error");
+        span.record("error.type", error.metric_label());
+    }
     context
         .metrics
         .reconciled(result.is_ok(), started.elapsed());

@@ -19,6 +19,9 @@
 //! - `X-Request-Id`: kept when the client sent one that looks like an id
 //!   (1 to 128 characters of letters, digits and `-_.:/+=`), otherwise a new
 //!   one; so every request upstream carries exactly one.
+//! - `traceparent`: with trace export on, the gateway's own (its request
+//!   span, a child of the client's) replaces the client's; `tracestate`
+//!   goes on unchanged. With it off, both go on as they came.
 //! - `Upgrade` is forwarded only for a websocket handshake; `h2c` and any
 //!   other protocol are never offered to a backend.
 
@@ -108,6 +111,8 @@ enum Disposition {
     RequestId,
     /// The client's `X-Forwarded-Proto`, when it is believed.
     ForwardedProto,
+    /// The client's `traceparent`: replaced when the gateway traces.
+    TraceParent,
 }
 
 fn is(name: &str, wanted: &str) -> bool {
@@ -161,6 +166,7 @@ fn disposition(name: &str, peer: &Peer<'_>, connection_named: &[&[u8]]) -> Dispo
     match name.len() {
         15 if is(name, "x-forwarded-for") => Disposition::ForwardedFor,
         12 if is(name, "x-request-id") => Disposition::RequestId,
+        11 if is(name, "traceparent") => Disposition::TraceParent,
         17 if is(name, "x-forwarded-proto") => {
             if peer.trusted {
                 Disposition::ForwardedProto
@@ -227,6 +233,9 @@ pub struct RequestLine<'a> {
     pub websocket: bool,
     /// The route's edits of the request's headers.
     pub edits: Option<&'a super::filters::HeaderEdits>,
+    /// The gateway's `traceparent` in place of the client's (the request
+    /// is traced).
+    pub traceparent: Option<&'a [u8]>,
 }
 
 /// Writes the request line and headers for the upstream into `out`
@@ -272,6 +281,11 @@ pub fn write_request_head(
                     push_header(out, b"x-forwarded-proto", value);
                 }
             }
+            Disposition::TraceParent => {
+                if line.traceparent.is_none() && !line.edits.is_some_and(|e| e.drops(name)) {
+                    push_header(out, name.as_bytes(), value)
+                }
+            }
         },
     );
     if let Some(edits) = line.edits {
@@ -291,6 +305,9 @@ pub fn write_request_head(
     if !id {
         push_header(out, b"x-request-id", &request_id());
     }
+    if let Some(traceparent) = line.traceparent {
+        push_header(out, b"traceparent", traceparent);
+    }
 }
 
 /// Appends `name: value` and CRLF.
@@ -306,6 +323,15 @@ mod tests {
     use super::*;
 
     fn head(headers: &[(&str, &str)], trusted: bool, named: &[&[u8]]) -> String {
+        traced_head(headers, trusted, named, None)
+    }
+
+    fn traced_head(
+        headers: &[(&str, &str)],
+        trusted: bool,
+        named: &[&[u8]],
+        traceparent: Option<&[u8]>,
+    ) -> String {
         let parsed: Vec<httparse::Header<'_>> = headers
             .iter()
             .map(|(n, v)| httparse::Header {
@@ -323,6 +349,7 @@ mod tests {
                 connection_named: named,
                 websocket: false,
                 edits: None,
+                traceparent,
             },
             &parsed[..],
             &Peer {
@@ -332,6 +359,38 @@ mod tests {
             },
         );
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_traced_request_carries_the_gateways_traceparent_only() {
+        let ours = b"00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01";
+        let client = [
+            (
+                "TraceParent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=1"),
+        ];
+        let text = traced_head(&client, false, &[], Some(ours));
+        assert_eq!(
+            text.to_lowercase().matches("traceparent:").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01\r\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("tracestate: vendor=1\r\n"), "{text}");
+        // Untraced, the client's goes on as it came.
+        let untraced = head(&client, false, &[]);
+        assert!(
+            untraced
+                .contains("TraceParent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            "{untraced}"
+        );
     }
 
     #[test]

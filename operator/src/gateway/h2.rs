@@ -29,6 +29,7 @@ use super::h1::body::{BodyError, Encoder, Framing};
 use super::h1::head::{self, Asked, Response};
 use super::h1::pool::Pool;
 use super::lifecycle::{self, Downstream, Kind, Origin, ProxyError};
+use super::record::{Arrival, Ending, Protocol};
 use super::state::Gateway;
 
 /// How often an idle HTTP/2 connection is pinged, and how long the answer
@@ -256,10 +257,26 @@ async fn handle(
 ) -> http::Response<ResponseBody> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let refuse = |status, kind, message: &'static str| {
-        let error = ProxyError::new(status, Origin::Client, kind, message);
+    let arrival = Arrival {
+        method: parts.method.as_str(),
+        host: parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok()),
+        path: parts.uri.path(),
+        client: peer.ip(),
+        protocol: Protocol::Http2,
+        route: None,
+    };
+    let refused = |error: ProxyError| {
         lifecycle::observe_failure(&gateway, &error);
+        let record = gateway.recording.begin(&arrival, &parts.headers);
+        record.end(&Ending::refused(&error, started.elapsed()));
         error_response(&error)
+    };
+    let refuse = |status, kind, message: &'static str| {
+        refused(ProxyError::new(status, Origin::Client, kind, message))
     };
     if parts.method == http::Method::CONNECT {
         return refuse(
@@ -317,11 +334,15 @@ async fn handle(
         &parts.headers,
     ) {
         Ok(resolved) => resolved,
-        Err(error) => {
-            lifecycle::observe_failure(&gateway, &error);
-            return error_response(&error);
-        }
+        Err(error) => return refused(error),
     };
+    let record = gateway.recording.begin(
+        &Arrival {
+            route: Some(&resolved.route.name),
+            ..arrival
+        },
+        &parts.headers,
+    );
     let client_ip = peer.ip().to_string();
     let forwarding = Peer {
         ip: &client_ip,
@@ -346,6 +367,7 @@ async fn handle(
             connection_named: &[],
             websocket: false,
             edits: filters.map(|f| &f.request),
+            traceparent: record.traceparent(),
         },
         headers.as_ref().unwrap_or(&parts.headers),
         &forwarding,
@@ -380,6 +402,7 @@ async fn handle(
             expect_continue: false,
             started,
             cold_wait: None,
+            record,
         };
         if let Err(error) = lifecycle::proxy(&gateway, &pool, request, &mut down).await {
             match down.head_tx.take() {

@@ -27,12 +27,14 @@ use bytes::Buf;
 use http::StatusCode;
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use super::balance::{InFlight, pick_weighted};
 use super::forwarding::push_header;
 use super::h1::body::{self, BodyError, Decoder, Encoder, Framing};
 use super::h1::head::{self, Asked, Response, finish_request_head};
 use super::h1::pool::{self, Pool, Upstream};
+use super::record::{Ending, Record};
 use super::state::{Gateway, WorkloadLoad};
 use super::table::{CompiledRoute, HeaderLookup, WorkloadKey, WorkloadTarget};
 
@@ -374,9 +376,15 @@ pub(super) fn resolve(
     })
 }
 
-/// The route a resolved request takes (none for a refused one).
-pub(super) fn routed(resolved: &Result<Resolved, ProxyError>) -> Option<&CompiledRoute> {
-    resolved.as_ref().ok().map(|r| &*r.route)
+/// The route a resolved request takes (none for a refused one), and the
+/// `traceparent` its upstream gets when it is traced.
+pub(super) fn routed(
+    (resolved, record): &(Result<Resolved, ProxyError>, Record),
+) -> (Option<&CompiledRoute>, Option<&[u8]>) {
+    (
+        resolved.as_ref().ok().map(|r| &*r.route),
+        record.traceparent(),
+    )
 }
 
 /// A parsed request, ready to be proxied.
@@ -401,6 +409,8 @@ pub(super) struct Request<'a> {
     pub(super) started: Instant,
     /// How long it was held for a cold start, if it was.
     pub(super) cold_wait: Option<Duration>,
+    /// Its log line and span.
+    pub(super) record: Record,
 }
 
 /// The rest of the lifecycle after **resolve**: admit, hold, pick, attempt,
@@ -411,7 +421,10 @@ pub(super) async fn proxy<D: Downstream>(
     mut request: Request<'_>,
     down: &mut D,
 ) -> Result<StatusCode, ProxyError> {
-    let outcome = exchange(gateway, pool, &mut request, down).await;
+    let record = std::mem::take(&mut request.record);
+    let outcome = exchange(gateway, pool, &mut request, down)
+        .instrument(record.span())
+        .await;
     // Observe.
     let status = match &outcome {
         Ok(status) => *status,
@@ -433,6 +446,18 @@ pub(super) async fn proxy<D: Downstream>(
             request.cold_wait,
         );
     }
+    let request_id = record
+        .on()
+        .then(|| head::header_value(request.upstream_head, b"x-request-id"))
+        .flatten();
+    record.end(&Ending {
+        status,
+        took,
+        routed: Some((&resolved.route, &resolved.target)),
+        cold_wait: request.cold_wait,
+        error: outcome.as_ref().err(),
+        request_id,
+    });
     outcome
 }
 

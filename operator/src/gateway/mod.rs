@@ -17,6 +17,7 @@ pub mod h1;
 pub mod h2;
 pub mod lifecycle;
 pub mod metrics;
+pub mod record;
 pub mod route_meter;
 pub mod source;
 pub mod state;
@@ -67,6 +68,16 @@ pub struct GatewayArgs {
     /// Log format.
     #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+
+    /// Log one line per request (method, host, path, status, duration,
+    /// route, workload, request id) for this share of requests, 0 to 1
+    /// (`0.01`: one in a hundred, evenly spread). Off by default.
+    #[arg(long, env = "TANDEM_REQUEST_LOG_SAMPLE", default_value_t = 0.0, value_parser = crate::telemetry::parse_ratio)]
+    pub request_log_sample: f64,
+
+    /// Trace export (a span per proxied request).
+    #[command(flatten)]
+    pub traces: crate::telemetry::TraceArgs,
 
     /// Only serve HybridApps of these namespaces (default: all).
     #[arg(long = "namespace", env = "TANDEM_NAMESPACES", value_delimiter = ',')]
@@ -337,6 +348,8 @@ pub async fn run(args: GatewayArgs) -> Result<()> {
         .or_else(|| std::env::var("POD_NAME").ok())
         .unwrap_or_else(|| format!("gateway-{}", std::process::id()));
     let mut gateway = Gateway::new(args.settings(), tables, metrics, id);
+    gateway.recording =
+        record::Recording::new(args.request_log_sample, args.traces.otlp_endpoint.is_some());
     gateway.advertise = args
         .advertise_address
         .or_else(|| std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok()));

@@ -138,6 +138,8 @@ pub struct Gateway {
     pub(super) metrics: GatewayMetrics,
     /// Limits and deadlines.
     pub settings: Settings,
+    /// Request log lines and spans.
+    pub recording: super::record::Recording,
     /// This replica's name in protocol messages.
     pub id: String,
     /// Where this replica serves workload ports (told to the operator).
@@ -185,6 +187,7 @@ impl Gateway {
             demand: Notify::new(),
             metrics,
             settings,
+            recording: Default::default(),
             id,
             advertise: None,
             draining: Default::default(),

@@ -1417,3 +1417,182 @@ async fn churning_2000_endpoints_leaves_metrics_where_they_were_and_memory_flat(
         "anonymous RSS grew from {baseline_kib} KiB to {highest} KiB"
     );
 }
+
+/// The `traceparent` the echo backend got, from its answer.
+fn traceparent_seen(body: &str) -> String {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix("traceparent="))
+        .unwrap_or("-")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traced_requests_continue_the_callers_trace_and_a_sampled_share_is_logged() {
+    let dir = work_dir("traces");
+    let receiver = crate::support::OtlpReceiver::start().await;
+    let backend = Echo::start(&dir, "pod", 0).await;
+    let config_path = dir.join("routes.yaml");
+    let routes =
+        json!([{"name": "r", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]);
+    write_config(
+        &config_path,
+        &config(
+            vec![workload("web", "AlwaysOn", "30s")],
+            routes,
+            &[("web", vec![backend.addr])],
+        ),
+    );
+    let gateway = Gateway::start_with(
+        &dir,
+        config_path.clone(),
+        vec![
+            format!("--static-config={}", config_path.display()),
+            format!("--otlp-endpoint={}", receiver.url),
+            "--request-log-sample=0.25".into(),
+            "--log-format=json".into(),
+        ],
+        vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+    )
+    .await;
+    let h1: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+
+    // A caller's trace goes on through the gateway's span.
+    let (trace, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut traced = get(&gateway.url("/traced?token=secret"));
+    traced.headers_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{caller}-01").parse().unwrap(),
+    );
+    traced
+        .headers_mut()
+        .insert("tracestate", "vendor=kept".parse().unwrap());
+    let reply = send(&h1, traced).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let upstream = traceparent_seen(&reply.body);
+    let parts: Vec<&str> = upstream.split('-').collect();
+    assert_eq!(parts.len(), 4, "the backend got {upstream}");
+    assert_eq!((parts[0], parts[1], parts[3]), ("00", trace, "01"));
+    assert_ne!(
+        parts[2], caller,
+        "the gateway's span is the backend's parent"
+    );
+    let span = receiver
+        .wait_span("the gateway's span of the traced request", |s| {
+            s.trace_id == trace && s.service == "tandem-gateway"
+        })
+        .await;
+    assert_eq!(span.parent_span_id, caller, "{span:?}");
+    assert_eq!(span.span_id, parts[2], "{span:?}");
+    assert_eq!(span.name, "GET r");
+    assert_eq!(span.kind, 2, "a server span: {span:?}");
+    let attribute = |s: &crate::support::ReceivedSpan, key: &str| {
+        s.attributes.get(key).cloned().unwrap_or_default()
+    };
+    assert_eq!(attribute(&span, "http.request.method"), "GET");
+    assert_eq!(
+        attribute(&span, "url.path"),
+        "/traced",
+        "no query: {span:?}"
+    );
+    assert_eq!(attribute(&span, "http.response.status_code"), "200");
+    assert_eq!(attribute(&span, "tandem.route"), "r");
+    assert_eq!(attribute(&span, "tandem.workload"), "web");
+    assert_eq!(attribute(&span, "tandem.mode"), "AlwaysOn");
+    assert_eq!(attribute(&span, "network.protocol.version"), "1.1");
+    assert!(
+        !attribute(&span, "tandem.request_id").is_empty(),
+        "{span:?}"
+    );
+
+    // Without a caller's trace, a new one starts at the gateway (HTTP/2
+    // here); a 5xx from the backend makes the span an error.
+    let mut failing = get(&gateway.url("/fails"));
+    failing
+        .headers_mut()
+        .insert("x-echo-status", "503".parse().unwrap());
+    let reply = send(&h2, failing).await;
+    assert_eq!(reply.status, 503);
+    let upstream = traceparent_seen(&reply.body);
+    let new_trace = upstream.split('-').nth(1).unwrap_or("-").to_string();
+    assert_eq!(new_trace.len(), 32, "the backend got {upstream}");
+    let span = receiver
+        .wait_span("the span of the failing HTTP/2 request", |s| {
+            s.trace_id == new_trace
+        })
+        .await;
+    assert_eq!(span.parent_span_id, "", "a root: {span:?}");
+    assert_eq!(span.status, 2, "a 5xx is an error: {span:?}");
+    assert_eq!(attribute(&span, "network.protocol.version"), "2");
+    assert_eq!(attribute(&span, "http.response.status_code"), "503");
+
+    // Exactly a quarter of the requests are logged, with their fields.
+    for i in 0..38 {
+        let reply = send(&h1, get(&gateway.url(&format!("/n/{i}?q=1")))).await;
+        assert_eq!(reply.status, 200);
+    }
+    let lines = || {
+        gateway
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "tandem::request")
+            .collect::<Vec<_>>()
+    };
+    wait_for("10 request lines", Duration::from_secs(10), || async {
+        match lines().len() {
+            10 => Ok(()),
+            n => Err(format!("{n} lines")),
+        }
+    })
+    .await;
+    let logged = lines();
+    for line in &logged {
+        let fields = &line["fields"];
+        assert_eq!(fields["method"], "GET", "{line}");
+        assert_eq!(fields["route"], "r", "{line}");
+        assert_eq!(fields["workload"], "web", "{line}");
+        assert_eq!(fields["mode"], "AlwaysOn", "{line}");
+        assert_eq!(fields["client"], "127.0.0.1", "{line}");
+        assert!(fields["duration_ms"].as_f64().is_some(), "{line}");
+        assert!(fields["request_id"].as_str().is_some(), "{line}");
+        assert_eq!(
+            fields["trace_id"].as_str().map(str::len),
+            Some(32),
+            "{line}"
+        );
+        assert!(
+            !fields["path"].as_str().unwrap_or("?").contains('?'),
+            "no query in the log: {line}"
+        );
+    }
+    // The 4th, 8th, ... request: all of them the HTTP/1 ones that passed.
+    assert!(
+        logged
+            .iter()
+            .all(|l| l["fields"]["status"] == 200 && l["fields"]["protocol"] == "1.1"),
+        "{logged:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_trace_export_the_callers_traceparent_goes_on_untouched_and_nothing_is_logged() {
+    let dir = work_dir("untraced");
+    let backend = Echo::start(&dir, "pod", 0).await;
+    let gateway = Gateway::in_front_of(&dir, &backend).await;
+    let h1: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut request = get(&gateway.url("/plain"));
+    request
+        .headers_mut()
+        .insert("traceparent", sent.parse().unwrap());
+    let reply = send(&h1, request).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(traceparent_seen(&reply.body), sent);
+    assert!(
+        !gateway.log_text().contains("tandem::request"),
+        "request logs are off by default"
+    );
+}

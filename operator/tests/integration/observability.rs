@@ -655,3 +655,46 @@ async fn prometheus_scrapes_tandem_evaluates_its_rules_fires_its_alerts_and_answ
     operator.kill().await;
     prometheus.wait_alert("TandemLeaderMissing", "firing").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_trace_export_each_reconcile_is_a_span_at_the_collector() {
+    install_crd().await;
+    let ns = TestNamespace::create("otlp").await;
+    let receiver = crate::support::OtlpReceiver::start().await;
+    let endpoint = format!("--otlp-endpoint={}", receiver.url);
+    let _operator = OperatorProcess::start(
+        &ns.name,
+        &operator_kubeconfig(&ns.name).await,
+        "op-1",
+        &[&endpoint],
+    )
+    .await;
+    let app: HybridApp = serde_json::from_value(json!({
+        "apiVersion": "tandem.dev/v1alpha1", "kind": "HybridApp",
+        "metadata": {"name": "traced"},
+        "spec": {
+            "workloads": [{"name": "web", "mode": "AlwaysOn", "port": 8080,
+                "template": {"spec": {"containers": [{"name": "web", "image": "example/echo:1"}]}}}],
+            "routes": [{"name": "all", "match": {"pathPrefix": "/"}, "backends": [{"workload": "web"}]}]
+        }
+    }))
+    .unwrap();
+    let apps: Api<HybridApp> = ns.api();
+    apps.create(&PostParams::default(), &app).await.unwrap();
+    let span = receiver
+        .wait_span("a reconcile span of the app", |s| {
+            s.name == "reconcile"
+                && s.attributes.get("namespace") == Some(&ns.name)
+                && s.attributes.get("app").map(String::as_str) == Some("traced")
+        })
+        .await;
+    assert_eq!(span.service, "tandem-operator", "{span:?}");
+    assert_eq!(span.parent_span_id, "", "a trace of its own: {span:?}");
+    assert_eq!(span.trace_id.len(), 32);
+    assert_eq!(
+        span.attributes.get("generation").map(String::as_str),
+        Some("1"),
+        "{span:?}"
+    );
+    assert_ne!(span.status, 2, "a reconcile that worked: {span:?}");
+}

@@ -397,3 +397,162 @@ pub fn health(helper: &std::path::Path, app: &HybridApp) -> ((String, String), (
     };
     (pair("kstatus"), pair("argocd"))
 }
+
+/// One span an [`OtlpReceiver`] got.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// `service.name` of the process that sent it.
+    pub service: String,
+    /// Span name.
+    pub name: String,
+    /// Trace id, hex.
+    pub trace_id: String,
+    /// Span id, hex.
+    pub span_id: String,
+    /// Parent span id, hex (empty for a root).
+    pub parent_span_id: String,
+    /// OTLP span kind (2: server).
+    pub kind: i32,
+    /// OTLP status code (2: error).
+    pub status: i32,
+    /// Attributes, their values as text.
+    pub attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// A local OTLP/HTTP collector: answers `POST /v1/traces` (protobuf) and
+/// keeps every span it decodes.
+pub struct OtlpReceiver {
+    /// Its base URL (`http://127.0.0.1:PORT`).
+    pub url: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl OtlpReceiver {
+    /// Starts it on a free loopback port.
+    pub async fn start() -> Self {
+        use http_body_util::BodyExt;
+        use prost::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = spans.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let kept = kept.clone();
+                            async move {
+                                let good = request.method() == hyper::Method::POST
+                                    && request.uri().path() == "/v1/traces"
+                                    && request
+                                        .headers()
+                                        .get("content-type")
+                                        .is_some_and(|c| c == "application/x-protobuf");
+                                let body = request
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+                                let decoded = ExportTraceServiceRequest::decode(body);
+                                let status = match (good, decoded) {
+                                    (true, Ok(export)) => {
+                                        kept.lock().unwrap().extend(received_spans(export));
+                                        200
+                                    }
+                                    _ => 400,
+                                };
+                                Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder()
+                                        .status(status)
+                                        .header("content-type", "application/x-protobuf")
+                                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                        .unwrap(),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        OtlpReceiver { url, spans }
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 30 s) for a span that `wanted` accepts.
+    pub async fn wait_span(
+        &self,
+        what: &str,
+        wanted: impl Fn(&ReceivedSpan) -> bool,
+    ) -> ReceivedSpan {
+        let wanted = &wanted;
+        wait_for(what, std::time::Duration::from_secs(30), || async move {
+            let spans = self.spans();
+            spans.iter().find(|s| wanted(s)).cloned().ok_or_else(|| {
+                format!(
+                    "{} spans: {:?}",
+                    spans.len(),
+                    spans.iter().rev().take(5).collect::<Vec<_>>()
+                )
+            })
+        })
+        .await
+    }
+}
+
+fn received_spans(
+    export: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> Vec<ReceivedSpan> {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    fn text(value: &Option<AnyValue>) -> String {
+        match value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+    fn attributes(list: &[KeyValue]) -> std::collections::BTreeMap<String, String> {
+        list.iter()
+            .map(|kv| (kv.key.clone(), text(&kv.value)))
+            .collect()
+    }
+    let mut spans = Vec::new();
+    for resource in export.resource_spans {
+        let service = resource
+            .resource
+            .as_ref()
+            .map(|r| attributes(&r.attributes))
+            .and_then(|a| a.get("service.name").cloned())
+            .unwrap_or_default();
+        for scope in resource.scope_spans {
+            for span in scope.spans {
+                spans.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: span.name.clone(),
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    kind: span.kind,
+                    status: span.status.as_ref().map_or(0, |s| s.code),
+                    attributes: attributes(&span.attributes),
+                });
+            }
+        }
+    }
+    spans
+}

@@ -89,19 +89,19 @@ pub fn parse_request<R>(
     out: &mut Vec<u8>,
     route: impl FnOnce(&RouteInput<'_>) -> R,
 ) -> Result<Option<(RequestHead, R)>, Rejection> {
-    parse_routed_request(buf, max_headers, peer, out, route, |_| None)
+    parse_routed_request(buf, max_headers, peer, out, route, |_| (None, None))
 }
 
 /// [`parse_request`], where `route`'s answer may name the route chosen
 /// (`compiled`), whose filters then shape the head sent upstream (header
-/// edits, host and path rewrite).
+/// edits, host and path rewrite), and the `traceparent` the upstream gets.
 pub fn parse_routed_request<R>(
     buf: &[u8],
     max_headers: usize,
     peer: &Peer<'_>,
     out: &mut Vec<u8>,
     route: impl FnOnce(&RouteInput<'_>) -> R,
-    compiled: impl FnOnce(&R) -> Option<&CompiledRoute>,
+    compiled: impl FnOnce(&R) -> (Option<&CompiledRoute>, Option<&[u8]>),
 ) -> Result<Option<(RequestHead, R)>, Rejection> {
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
     let mut heap = Vec::new();
@@ -193,7 +193,8 @@ pub fn parse_routed_request<R>(
         method,
         headers,
     });
-    let filtered = compiled(&routed).and_then(|r| Some((r, r.filters.as_deref()?)));
+    let (chosen, traceparent) = compiled(&routed);
+    let filtered = chosen.and_then(|r| Some((r, r.filters.as_deref()?)));
     let rewrite = filtered.and_then(|(r, f)| Some((r, f.rewrite.as_ref()?)));
     let target = rewrite.and_then(|(r, rewrite)| rewrite.target(&r.path, path));
     let host = rewrite
@@ -208,11 +209,24 @@ pub fn parse_routed_request<R>(
             connection_named: &info.connection_named,
             websocket: upgrade,
             edits: filtered.map(|(_, f)| &f.request),
+            traceparent,
         },
         headers,
         peer,
     );
     Ok(Some((head, routed)))
+}
+
+/// The value of header `name` (lowercase) in a head written by
+/// [`parse_request`].
+pub fn header_value<'a>(head: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    head.split(|b| *b == b'\n').skip(1).find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let (field, value) = line.split_at(line.iter().position(|b| *b == b':')?);
+        field
+            .eq_ignore_ascii_case(name)
+            .then(|| value[1..].trim_ascii())
+    })
 }
 
 /// Ends a request head written by [`parse_request`] with the framing of the

@@ -28,6 +28,7 @@ use head::{Asked, RequestHead, Response};
 
 use super::forwarding::{Peer, push_header};
 use super::lifecycle::{self, Downstream, Kind, Origin, ProxyError};
+use super::record::{Arrival, Ending, Protocol};
 use super::state::Gateway;
 use pool::Pool;
 
@@ -94,7 +95,7 @@ pub async fn serve<S: body::ClientStream>(
                     &forwarding,
                     &mut upstream_head,
                     |input| {
-                        lifecycle::resolve(
+                        let resolved = lifecycle::resolve(
                             gateway,
                             entry,
                             input.host,
@@ -102,7 +103,19 @@ pub async fn serve<S: body::ClientStream>(
                             input.query,
                             input.method,
                             input.headers,
-                        )
+                        );
+                        let record = gateway.recording.begin(
+                            &Arrival {
+                                method: input.method,
+                                host: input.host,
+                                path: input.path,
+                                client: peer.ip(),
+                                protocol: Protocol::Http1,
+                                route: resolved.as_ref().ok().map(|r| r.route.name.as_str()),
+                            },
+                            input.headers,
+                        );
+                        (resolved, record)
                     },
                     lifecycle::routed,
                 );
@@ -137,6 +150,9 @@ pub async fn serve<S: body::ClientStream>(
                 };
                 if let Some(error) = refused {
                     lifecycle::observe_failure(gateway, &error);
+                    gateway
+                        .recording
+                        .unreadable(peer.ip(), Protocol::Http1, &error);
                     finish(
                         &mut client,
                         &error,
@@ -165,11 +181,12 @@ pub async fn serve<S: body::ClientStream>(
             }
         };
         let started = Instant::now();
-        let (request, resolved) = parsed;
+        let (request, (resolved, record)) = parsed;
         buf.advance(request.len);
         let next = match resolved {
             Err(error) => {
                 lifecycle::observe_failure(gateway, &error);
+                record.end(&Ending::refused(&error, started.elapsed()));
                 let next = before_body(&request);
                 finish(&mut client, &error, next, &mut out, settings.idle_timeout).await
             }
@@ -200,6 +217,7 @@ pub async fn serve<S: body::ClientStream>(
                     expect_continue: request.expect_continue,
                     started,
                     cold_wait: None,
+                    record,
                 };
                 match lifecycle::proxy(gateway, pool, proxied, &mut down).await {
                     Ok(_) if down.close => Next::Close,
