@@ -97,13 +97,6 @@ impl Drop for Telemetry {
     }
 }
 
-impl Telemetry {
-    /// Whether spans are exported.
-    pub fn traces(&self) -> bool {
-        self.traces.is_some()
-    }
-}
-
 /// Installs the global tracing subscriber (`RUST_LOG` overrides the log
 /// level) and, with an OTLP endpoint, the trace exporter; `service` names
 /// this process in traces unless `OTEL_SERVICE_NAME` does. Exports are
