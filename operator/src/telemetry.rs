@@ -197,12 +197,9 @@ impl CollectorClient {
     fn new(runtime: tokio::runtime::Handle, timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = {
-            let _entered = runtime.enter();
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector)
-        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
         Self {
             runtime,
             client,

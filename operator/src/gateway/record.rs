@@ -220,14 +220,14 @@ impl Record {
         let request_id = ending
             .request_id
             .and_then(|id| std::str::from_utf8(id).ok());
+        let app = ending
+            .routed
+            .map(|(route, _)| format!("{}/{}", route.namespace, route.app));
         if !span.is_none() {
             span.record("http.response.status_code", status);
-            if let Some((route, target)) = ending.routed {
+            if let (Some((route, target)), Some(app)) = (ending.routed, &app) {
                 span.record("tandem.route", route.name.as_str());
-                span.record(
-                    "tandem.app",
-                    format!("{}/{}", route.namespace, route.app).as_str(),
-                );
+                span.record("tandem.app", app.as_str());
                 span.record("tandem.workload", target.key.workload.as_str());
                 span.record("tandem.mode", target.mode.as_str());
             }
@@ -254,14 +254,13 @@ impl Record {
         }
         let trace_id =
             (!span.is_none()).then(|| span.context().span().span_context().trace_id().to_string());
-        let (route, app, workload, mode) = match ending.routed {
+        let (route, workload, mode) = match ending.routed {
             Some((route, target)) => (
                 Some(route.name.as_str()),
-                Some(format!("{}/{}", route.namespace, route.app)),
                 Some(target.key.workload.as_str()),
                 Some(target.mode.as_str()),
             ),
-            None => (None, None, None, None),
+            None => (None, None, None),
         };
         tracing::info!(
             target: "tandem::request",

@@ -106,36 +106,19 @@ impl FakeAutoscaler {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let fake = FakeAutoscaler::default();
         let received = fake.received.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let received = received.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |request: hyper::Request<hyper::body::Incoming>| {
-                            let received = received.clone();
-                            async move {
-                                let path = request.uri().path().to_string();
-                                let body = request
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                                received.lock().unwrap().push((path, value));
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                    Bytes::from_static(b"ok"),
-                                )))
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
+        crate::support::serve_http1(listener, move |request| {
+            let received = received.clone();
+            async move {
+                let path = request.uri().path().to_string();
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                received.lock().unwrap().push((path, value));
+                hyper::Response::new(Full::new(Bytes::from_static(b"ok")))
             }
         });
         (fake, url)

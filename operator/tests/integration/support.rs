@@ -398,6 +398,31 @@ pub fn health(helper: &std::path::Path, app: &HybridApp) -> ((String, String), (
     (pair("kstatus"), pair("argocd"))
 }
 
+/// Serves HTTP/1 on `listener` in the background (a fake peer of a test):
+/// every request is answered by `answer`.
+pub fn serve_http1<F, Fut>(listener: tokio::net::TcpListener, answer: F)
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>>
+        + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let answered = answer(request);
+                    async move { Ok::<_, std::convert::Infallible>(answered.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
 /// One span an [`OtlpReceiver`] got.
 #[derive(Debug, Clone)]
 pub struct ReceivedSpan {
@@ -436,49 +461,34 @@ impl OtlpReceiver {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept = spans.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let kept = kept.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |request: hyper::Request<hyper::body::Incoming>| {
-                            let kept = kept.clone();
-                            async move {
-                                let good = request.method() == hyper::Method::POST
-                                    && request.uri().path() == "/v1/traces"
-                                    && request
-                                        .headers()
-                                        .get("content-type")
-                                        .is_some_and(|c| c == "application/x-protobuf");
-                                let body = request
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-                                let decoded = ExportTraceServiceRequest::decode(body);
-                                let status = match (good, decoded) {
-                                    (true, Ok(export)) => {
-                                        kept.lock().unwrap().extend(received_spans(export));
-                                        200
-                                    }
-                                    _ => 400,
-                                };
-                                Ok::<_, std::convert::Infallible>(
-                                    hyper::Response::builder()
-                                        .status(status)
-                                        .header("content-type", "application/x-protobuf")
-                                        .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                        .unwrap(),
-                                )
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
+        serve_http1(listener, move |request| {
+            let kept = kept.clone();
+            async move {
+                let good = request.method() == hyper::Method::POST
+                    && request.uri().path() == "/v1/traces"
+                    && request
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|c| c == "application/x-protobuf");
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+                let status = match (good, ExportTraceServiceRequest::decode(body)) {
+                    (true, Ok(export)) => {
+                        kept.lock().unwrap().extend(received_spans(export));
+                        200
+                    }
+                    _ => 400,
+                };
+                hyper::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/x-protobuf")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap()
             }
         });
         OtlpReceiver { url, spans }
